@@ -1,0 +1,61 @@
+"""Attention metadata and the one sliding-window rule every path uses.
+
+The rule (paper figures, reference masks, Hugging Face): the query at absolute position i attends to the keys
+at positions i-W+1 .. i, itself included; with no window (a Llama, Mistral v0.2+) it attends to 0 .. i.
+Masks are built from the absolute positions of queries and keys, never from slot order, so a rolling buffer
+(slot = position mod W) needs no un-rotation and a chunk of any size sees exactly its window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, Tq, Tk], True where query q may attend key k.
+
+    q_pos [B, Tq] and k_pos [B, Tk] hold absolute positions; -1 marks padding (empty cache slots, pad tokens).
+    A padding query gets an all-True row so attention stays finite; its output is never used.
+    """
+    q = q_pos.unsqueeze(-1)
+    k = k_pos.unsqueeze(-2)
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= q - k < window
+    allowed |= q < 0
+    return allowed.unsqueeze(1)
+
+
+@dataclass
+class CacheWrite:
+    """Where a step's new keys/values go: token (batch[n], token[n]) is stored in cache slot slot[n]."""
+
+    batch: torch.Tensor
+    token: torch.Tensor
+    slot: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """What every layer of one forward step needs to attend; built once per step and passed explicitly.
+
+    positions: [B, T] absolute positions of the step's tokens (-1 = padding).
+    mask: [B, 1, T, K] where K = number of keys the layers see (cache slots, plus the new tokens when
+        `concat_new` is set).
+    write: the cache writes of this step, or None without a cache.
+    concat_new: keys = cache contents (before this step's writes) followed by the new tokens. Needed when a
+        chunk would overwrite ring slots its own early queries still attend to; otherwise the new tokens are
+        written first and the layers attend over the cache alone.
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+    write: CacheWrite | None = None
+    concat_new: bool = True
+
+    @classmethod
+    def without_cache(cls, positions: torch.Tensor, window: int | None) -> AttentionMetadata:
+        """A full pass over the given tokens: causal within the window, nothing cached."""
+        return cls(positions=positions, mask=window_mask(positions, positions, window))

@@ -1,0 +1,146 @@
+"""The Mistral 7B transformer: pre-norm decoder blocks with GQA, sliding-window attention, RoPE, SwiGLU.
+
+Attribute names equal the native checkpoint keys (`tok_embeddings`, `layers.N.attention.wq`,
+`feed_forward.w1`, `attention_norm`, ...), so a state dict in native names loads with no renaming table.
+No biases anywhere. A cache is optional: without one, `forward` is one causal pass over the given tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral7b.config import ModelArgs
+from mistral7b.model.attention import AttentionMetadata
+from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache; the rolling buffer (and later the paged cache) implement it."""
+
+    def prepare(self, positions: torch.Tensor) -> AttentionMetadata: ...
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, meta)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=meta.mask,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache | None, layer: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, meta, cache, layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        """Share the output matrix with the embeddings again (after weights were assigned)."""
+        if self.args.tied_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = inv_frequencies(self.args.head_dim, self.args.rope_theta, device)
+        return self._inv_freq
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] in float32 for tokens [B, T] at absolute positions [B, T] (-1 = padding).
+
+        With a cache, the tokens continue what the cache holds. `logits_index` [B] picks one token per row
+        (e.g. each prompt's last) and returns [B, vocab], skipping the output matmul for the rest.
+        """
+        meta = cache.prepare(positions) if cache is not None else AttentionMetadata.without_cache(
+            positions, self.args.sliding_window
+        )
+        cos, sin = rotary_cos_sin(positions, self.inv_freq(tokens.device))
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, meta, cache, i)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index]
+        return self.output(self.norm(h)).float()
