@@ -1,0 +1,236 @@
+"""The `mistral7b` command: chat, generate, tokenize, info.
+
+Every command takes `--model PATH` (a checkpoint folder or a .gguf file; default: the embedded SmolLM2).
+Errors a user can fix print as one line `error: ...` with exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from mistral7b.errors import Mistral7BError, RequestError
+
+
+def _window(value: str) -> int | None:
+    if value.lower() in ("none", "off", "0"):
+        return None
+    try:
+        w = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}") from None
+    if w < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}")
+    return w
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint folder (native or Hugging Face) or .gguf file; "
+                                   "default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--chunk-size", type=int, default=None, help="pre-fill chunk size in tokens")
+    g.add_argument("--sliding-window", type=_window, default="keep",
+                   help="override the checkpoint's attention window (an integer, or 'none')")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sampling_options(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(a: argparse.Namespace, logprobs: bool = False):
+    from mistral7b.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop, logprobs=logprobs,
+    )
+
+
+def _llm(a: argparse.Namespace):
+    from mistral7b.engine.llm import LLM
+
+    if a.chunk_size is not None and a.chunk_size < 1:
+        raise RequestError(f"--chunk-size must be a positive integer, got {a.chunk_size}")
+    return LLM(a.model, dtype=a.dtype, device=a.device, chunk_size=a.chunk_size, sliding_window=a.sliding_window,
+               progress=not a.quiet)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    if (a.prompt is None) == (a.prompt_ids is None):
+        raise RequestError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    prompt: Any = a.prompt
+    if a.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise RequestError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+    params = _sampling(a, logprobs=a.json)
+    llm = _llm(a)
+    if a.json:
+        out = llm.generate(prompt, params)[0]
+        c = out.outputs[0]
+        print(json.dumps({"prompt_token_ids": out.prompt_token_ids, "token_ids": c.token_ids, "text": c.text,
+                          "logprobs": c.logprobs, "finish_reason": c.finish_reason}))
+        return 0
+    for ev in llm.stream(prompt, params):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _answer(llm, history: list[dict], a: argparse.Namespace, params) -> str:
+    ids = llm.encode_chat(history, safe_prompt=a.safe_prompt)
+    parts: list[str] = []
+    try:
+        for ev in llm.stream_ids([ids], [params]):
+            parts.append(ev.text)
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [interrupted]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts)
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    params = _sampling(a)
+    llm = _llm(a)
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(start)
+    if a.message is not None:
+        history.append({"role": "user", "content": a.message})
+        _answer(llm, history, a, params)
+        return 0
+    print("Chat with the model. Commands: /reset clears the history, /exit quits (or Ctrl-D).", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = _answer(llm, history, a, params)
+        except RequestError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    if (a.text is None) == (a.messages is None):
+        raise RequestError("give exactly one of --text TEXT or --messages FILE.json")
+    from mistral7b.engine.llm import checkpoint_tokenizer
+    from mistral7b.guardrails import with_safe_prompt
+    from mistral7b.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(a.model or _default_model())
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    if tokenizer is None:
+        raise RequestError(f"{checkpoint.path} has no tokenizer")
+    if a.text is not None:
+        ids = tokenizer.encode(a.text, add_bos=not a.no_bos)
+    else:
+        try:
+            with open(a.messages, encoding="utf-8") as f:
+                messages = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"{a.messages}: cannot read messages JSON ({e})") from None
+        ids = tokenizer.encode_chat(with_safe_prompt(messages, a.safe_prompt), add_generation_prompt=True)
+    print(json.dumps(ids))
+    return 0
+
+
+def _default_model() -> str:
+    from mistral7b.default_model import default_model_path
+
+    return default_model_path()
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from mistral7b.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(a.model or _default_model(), sliding_window=a.sliding_window)
+    info = {"path": checkpoint.path, "format": checkpoint.format, **checkpoint.args.to_dict(),
+            "tensors": len(checkpoint.tensor_names())}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral7b", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, streaming)")
+    _model_options(p)
+    _sampling_options(p, temperature=0.7, max_tokens=512)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--safe-prompt", action="store_true", help="prepend the paper's guardrail system prompt")
+    p.add_argument("--message", help="answer this one message and exit")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    _model_options(p)
+    _sampling_options(p, temperature=0.0, max_tokens=64)
+    p.add_argument("--prompt", help="prompt text (BOS is added as the tokenizer says)")
+    p.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids, text and logprobs")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="print the token ids of a text or a chat")
+    p.add_argument("--model")
+    p.add_argument("--text")
+    p.add_argument("--messages", help="JSON file: [{\"role\": ..., \"content\": ...}, ...]")
+    p.add_argument("--no-bos", action="store_true", help="with --text: do not add BOS")
+    p.add_argument("--safe-prompt", action="store_true", help="with --messages: prepend the guardrail prompt")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("info", help="print the resolved model config")
+    p.add_argument("--model")
+    p.add_argument("--sliding-window", type=_window, default="keep")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Mistral7BError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

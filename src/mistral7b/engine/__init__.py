@@ -1,0 +1,1 @@
+"""Generation: sampling parameters, the sampler, the batch generation loop and the `LLM` API."""
