@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,9 @@ from mistral7b.engine.outputs import StreamEvent
 from mistral7b.engine.sampler import sample_token
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.model.transformer import Transformer
-from mistral7b.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from mistral7b.tokenizer import Tokenizer
 
 
 @dataclass
