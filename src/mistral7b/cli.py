@@ -14,7 +14,9 @@ from typing import Any
 from mistral7b.errors import Mistral7BError, RequestError
 
 
-def _window(value: str) -> int | None:
+def _window(value: str) -> int | None | str:
+    if value == "keep":
+        return value
     if value.lower() in ("none", "off", "0"):
         return None
     try:

@@ -89,7 +89,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.model_path} has no tokenizer: give token ids instead of text")
-            ids = self.tokenizer.encode(prompt, add_bos=True)
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
         else:
             ids = list(prompt)
             for t in ids:

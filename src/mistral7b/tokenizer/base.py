@@ -1,0 +1,71 @@
+"""The one interface every tokenizer implements, and the message checks all chat formats share.
+
+The engine only needs these five things from a tokenizer (ids for text, text for ids, ids for a chat, which ids
+end a turn, the raw piece for debugging), so Mistral's own files, Hugging Face folders and GGUF metadata can all
+sit behind it. Two promises hold for every implementation: `encode` never turns text into special or control
+tokens (a prompt cannot smuggle `</s>`), and `decode` leaves special tokens out of the text.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from mistral7b.errors import RequestError
+
+ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer(ABC):
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: frozenset[int]  # every id that ends generation: eos and end-of-turn tokens
+    add_bos: bool = True  # the file's add_bos_token: chats follow it; `encode` obeys its caller
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Ids of plain text; special/control token strings in `text` stay text. No EOS is added.
+
+        `add_bos=True` prepends BOS whenever the vocabulary has one; pass `add_bos=tok.add_bos` to follow the
+        file's add_bos_token instead.
+        """
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids, special/control tokens skipped."""
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of an OpenAI-shaped conversation in the model's chat format (BOS included where it belongs)."""
+
+    @abstractmethod
+    def id_to_piece(self, id: int) -> str:
+        """The raw vocabulary entry of one id, for debugging and logprobs."""
+
+
+def check_messages(messages: Any, add_generation_prompt: bool = True) -> list[dict[str, str]]:
+    """Messages as a list of {role, content} dicts, or RequestError naming the first problem.
+
+    A conversation that ends with an assistant turn cannot take a generation prompt: the model would be asked
+    to answer its own answer.
+    """
+    if not isinstance(messages, list):
+        raise RequestError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    if not messages:
+        raise RequestError("messages is empty: a chat needs at least one message")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    if add_generation_prompt and checked[-1]["role"] == "assistant":
+        raise RequestError("the last message is from the assistant: a generation prompt needs a user message last")
+    if all(m["role"] == "system" for m in checked):
+        raise RequestError("messages has only system messages: a chat needs a user message")
+    return checked

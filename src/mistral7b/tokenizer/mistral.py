@@ -1,0 +1,57 @@
+"""Mistral's own tokenizer files (tokenizer.model.v1/v2/v3/v7, tekken.json) through mistral-common.
+
+mistral-common is the reference for the instruct format: it encodes each text segment separately, merges the
+system prompt(s) into the first user turn for v1, and never parses control tokens out of message text. So chats
+go through `encode_chat_completion` unchanged and plain text through its raw tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mistral7b.errors import CheckpointError, RequestError
+from mistral7b.tokenizer.base import Tokenizer, check_messages
+
+
+class MistralCommonTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        from mistral_common.exceptions import MistralCommonException
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        # A plain SentencePiece `tokenizer.model` has no version suffix; mistral-common reads it as v1.
+        try:
+            # `agnostic` checks message order but leaves the last role to us (check_messages), so a conversation
+            # ending with an assistant turn can be encoded when no generation prompt is wanted.
+            self._mt = MistralTokenizer.from_file(path, mode=ValidationMode.agnostic)
+        except (MistralCommonException, OSError, ValueError, RuntimeError, AssertionError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a readable Mistral tokenizer file ({e})") from None
+        self.path = path
+        self._raw = self._mt.instruct_tokenizer.tokenizer
+        self.vocab_size = int(self._raw.n_words)
+        self.bos_id = int(self._raw.bos_id)
+        self.eos_ids = frozenset({int(self._raw.eos_id)})
+        self._errors: tuple[type[Exception], ...] = (MistralCommonException, ValueError, AssertionError)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise RequestError(f"text to encode must be a string, got {type(text).__name__}")
+        return list(self._raw.encode(text, bos=add_bos, eos=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._raw.decode(list(ids))  # special_token_policy defaults to IGNORE: control tokens skipped
+
+    def id_to_piece(self, id: int) -> str:
+        return self._raw.id_to_piece(id)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        checked = check_messages(messages, add_generation_prompt)
+        try:
+            request = ChatCompletionRequest(messages=checked)
+            return list(self._mt.encode_chat_completion(request).tokens)
+        except self._errors as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RequestError(f"messages rejected by the Mistral chat format: {message}") from None
+

