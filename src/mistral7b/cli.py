@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--sliding-window", type=_window, default="keep")
     p.set_defaults(func=cmd_info)
+
+    from mistral7b.commands import register_all
+
+    register_all(sub)
     return parser
 
 

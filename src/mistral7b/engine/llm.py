@@ -17,6 +17,7 @@ from mistral7b.default_model import default_model_path
 from mistral7b.engine.generate import generate_stream
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
 from mistral7b.loading import Checkpoint, open_checkpoint
@@ -149,6 +150,17 @@ class LLM:
         ids = [self.encode_chat(m, safe_prompt) for m in conversations]
         outs = self._run(ids, params, [None] * len(ids))
         return outs if many else outs[0]
+
+    def score(self, prompts: Sequence[Prompt]) -> list[TokenScores]:
+        """Log-probability of every token of each prompt given the tokens before it (no generation)."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        for seq in ids:
+            if len(seq) > self.max_model_len:
+                raise RequestError(f"a sequence of {len(seq)} tokens exceeds the context of {self.max_model_len}")
+        out: list[TokenScores] = []
+        for lo in range(0, len(ids), self.max_batch_size):
+            out.extend(score_tokens(self.model, ids[lo : lo + self.max_batch_size], self.chunk_size))
+        return out
 
     def _run(
         self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None, texts: list[Any]
