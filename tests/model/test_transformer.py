@@ -73,3 +73,19 @@ def test_half_precision_close_to_float32(hf_checkpoint, dtype):
         ref, got = ref_model(tokens, pos), half(tokens, pos)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert rel_err(got, ref) < 5e-2
+
+
+def test_packed_segments_equal_separate_passes(hf_checkpoint):
+    """Two examples packed in one row with segment ids give each example's own logits."""
+    args = tiny_args(window=5)
+    _, folder = hf_checkpoint(args)
+    ours = load_ours(folder)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, args.vocab_size, (1, 9), generator=g), torch.randint(0, args.vocab_size, (1, 7), generator=g)
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    segments = torch.tensor([[0] * 9 + [1] * 7])
+    with torch.no_grad():
+        got = ours(packed, positions, segment_ids=segments)
+        want = torch.cat([ours(a, torch.arange(9)[None]), ours(b, torch.arange(7)[None])], 1)
+    assert rel_err(got, want) < 1e-5

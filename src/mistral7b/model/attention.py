@@ -13,17 +13,22 @@ from dataclasses import dataclass
 import torch
 
 
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def window_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean mask [B, 1, Tq, Tk], True where query q may attend key k.
 
     q_pos [B, Tq] and k_pos [B, Tk] hold absolute positions; -1 marks padding (empty cache slots, pad tokens).
     A padding query gets an all-True row so attention stays finite; its output is never used.
+    segment_ids [B, T] (queries = keys, no cache) keeps packed examples from attending to each other.
     """
     q = q_pos.unsqueeze(-1)
     k = k_pos.unsqueeze(-2)
     allowed = (k >= 0) & (k <= q)
     if window is not None:
         allowed &= q - k < window
+    if segment_ids is not None:
+        allowed &= segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)
     allowed |= q < 0
     return allowed.unsqueeze(1)
 
@@ -56,6 +61,8 @@ class AttentionMetadata:
     concat_new: bool = True
 
     @classmethod
-    def without_cache(cls, positions: torch.Tensor, window: int | None) -> AttentionMetadata:
-        """A full pass over the given tokens: causal within the window, nothing cached."""
-        return cls(positions=positions, mask=window_mask(positions, positions, window))
+    def without_cache(
+        cls, positions: torch.Tensor, window: int | None, segment_ids: torch.Tensor | None = None
+    ) -> AttentionMetadata:
+        """A full pass over the given tokens: causal within the window (and segment), nothing cached."""
+        return cls(positions=positions, mask=window_mask(positions, positions, window, segment_ids))

@@ -128,15 +128,19 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         logits_index: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] in float32 for tokens [B, T] at absolute positions [B, T] (-1 = padding).
 
         With a cache, the tokens continue what the cache holds. `logits_index` [B] picks one token per row
         (e.g. each prompt's last) and returns [B, vocab], skipping the output matmul for the rest.
+        `segment_ids` [B, T] (no cache) packs several examples in a row: positions restart at 0 for each
+        segment and no token attends across segments (training on packed sequences).
         """
-        meta = cache.prepare(positions) if cache is not None else AttentionMetadata.without_cache(
-            positions, self.args.sliding_window
-        )
+        if cache is not None:
+            meta = cache.prepare(positions)
+        else:
+            meta = AttentionMetadata.without_cache(positions, self.args.sliding_window, segment_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq(tokens.device))
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
