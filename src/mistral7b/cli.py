@@ -38,6 +38,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sliding-window", type=_window, default="keep",
                    help="override the checkpoint's attention window (an integer, or 'none')")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--lora", help="LoRA adapter folder (PEFT format) to merge into the model")
+    g.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight quantization: auto keeps a GGUF file's own (Q4 as int4, Q8 as int8) and loads "
+                        "other checkpoints in float; none = every weight in --dtype (exact reference)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -67,7 +72,8 @@ def _llm(a: argparse.Namespace):
     if a.chunk_size is not None and a.chunk_size < 1:
         raise RequestError(f"--chunk-size must be a positive integer, got {a.chunk_size}")
     return LLM(a.model, dtype=a.dtype, device=a.device, chunk_size=a.chunk_size, sliding_window=a.sliding_window,
-               progress=not a.quiet)
+               progress=not a.quiet, lora=getattr(a, "lora", None),
+               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -94,29 +100,42 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _answer(llm, history: list[dict], a: argparse.Namespace, params) -> str:
+def _answer(llm, history: list[dict], a: argparse.Namespace, params, guard=None) -> str | None:
+    """Stream the answer to the screen; with a moderation guard, None when the exchange is refused/withheld."""
     ids = llm.encode_chat(history, safe_prompt=a.safe_prompt)
+    notice = guard.check_input(history) if guard is not None else None
+    hold = guard is not None and guard.output  # an answer to be checked is shown only once checked
     parts: list[str] = []
     try:
-        for ev in llm.stream_ids([ids], [params]):
+        for ev in [] if notice else llm.stream_ids([ids], [params]):
             parts.append(ev.text)
-            sys.stdout.write(ev.text)
-            sys.stdout.flush()
+            if not hold:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write(" [interrupted]")
+    if notice:  # the prompt was refused
+        sys.stdout.write(notice)
+    elif hold:
+        notice = guard.check_output(history, "".join(parts))
+        sys.stdout.write(notice or "".join(parts))
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return "".join(parts)
+    return None if notice else "".join(parts)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    from mistral7b.moderation.chat import chat_guard
+
     params = _sampling(a)
+    make_guard = chat_guard(a)  # --moderate options are checked before the model loads
     llm = _llm(a)
+    guard = make_guard(llm) if make_guard else None
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)
     if a.message is not None:
         history.append({"role": "user", "content": a.message})
-        _answer(llm, history, a, params)
+        _answer(llm, history, a, params, guard)
         return 0
     print("Chat with the model. Commands: /reset clears the history, /exit quits (or Ctrl-D).", file=sys.stderr)
     while True:
@@ -139,10 +158,13 @@ def cmd_chat(a: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            reply = _answer(llm, history, a, params)
+            reply = _answer(llm, history, a, params, guard)
         except RequestError as e:
             history.pop()
             print(f"error: {e}", file=sys.stderr)
+            continue
+        if reply is None:  # refused or withheld: the exchange stays out of the history
+            history.pop()
             continue
         history.append({"role": "assistant", "content": reply})
 
@@ -197,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--safe-prompt", action="store_true", help="prepend the paper's guardrail system prompt")
     p.add_argument("--message", help="answer this one message and exit")
+    from mistral7b.moderation.chat import add_chat_options
+
+    add_chat_options(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="continue a prompt")

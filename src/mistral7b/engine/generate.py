@@ -59,7 +59,7 @@ def generate_stream(
 ) -> Iterator[StreamEvent]:
     """Run all prompts together; yield one StreamEvent per new token, then one final event per request."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
     eos = tokenizer.eos_ids if tokenizer is not None else frozenset()
     rows = [
         _Row(

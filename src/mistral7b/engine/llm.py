@@ -21,7 +21,9 @@ from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
 from mistral7b.loading import Checkpoint, open_checkpoint
-from mistral7b.model.build import build_model
+from mistral7b.model.build import QUANTIZE_MODES, build_model
+from mistral7b.model.fuse import fuse_projections
+from mistral7b.model.quantize import quantize_model
 from mistral7b.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 Prompt = Union[str, Sequence[int], dict]
@@ -62,7 +64,20 @@ class LLM:
         max_model_len: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         progress: bool = True,
+        lora: str | None = None,
+        quantize: str | None = "auto",
+        threads: int | None = None,
     ):
+        """`quantize`: "auto" keeps a GGUF file's own quantization (Q4_0/Q4_1 packed as int4, other quantized
+        types as int8) and loads other formats in float; "int8"/"int4" quantize any checkpoint's weights;
+        None loads every weight in `dtype` (the exact reference path). `threads`: CPU threads (default: torch's,
+        one per physical core)."""
+        if quantize not in QUANTIZE_MODES:
+            raise RequestError(f"quantize must be one of none, auto, int8, int4; got {quantize!r}")
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise RequestError(f"threads must be a positive integer, got {threads!r}")
+            torch.set_num_threads(threads)
         self.model_path = model or default_model_path()
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -70,7 +85,15 @@ class LLM:
         self.args = checkpoint.args
         self.checkpoint_format = checkpoint.format
         self.tokenizer = checkpoint_tokenizer(checkpoint)
-        self.model = build_model(checkpoint, self.dtype, self.device, progress=progress)
+        load_quantized = None if lora is not None else quantize
+        self.model = build_model(checkpoint, self.dtype, self.device, progress=progress, quantize=load_quantized)
+        if lora is not None:  # a PEFT LoRA adapter folder, merged into the float weights, then quantized
+            from mistral7b.finetune.lora import merge_adapter
+
+            merge_adapter(self.model, lora)
+            if quantize in ("int8", "int4"):
+                quantize_model(self.model, quantize, self.dtype)
+        fuse_projections(self.model)
         window = self.args.sliding_window
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise RequestError(f"chunk_size must be a positive integer, got {chunk_size!r}")

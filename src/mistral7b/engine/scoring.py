@@ -26,7 +26,7 @@ class TokenScores:
 @torch.inference_mode()
 def score_tokens(model: Transformer, sequences: Sequence[Sequence[int]], chunk_size: int) -> list[TokenScores]:
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.dtype
     B = len(sequences)
     longest = max(len(s) for s in sequences)
     cache = RollingKVCache(model.args, B, dtype, device)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from mistral7b.config import ModelArgs, read_json
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import gguf_file, layout
+from mistral7b.loading.gguf_blocks import GGUFBlocks, read_blocks
 from mistral7b.loading.safetensors_files import StoredTensor, hf_files, native_files, pickle_error, read_header
 
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
@@ -36,16 +37,27 @@ class Checkpoint:
     _entries: list[tuple[str, StoredTensor]] = field(default_factory=list, repr=False)  # (native name, stored)
     _reader: Any = field(default=None, repr=False)  # the memory-mapped gguf.GGUFReader
 
+    def stored_types(self) -> dict[str, str]:
+        """Native name -> type as stored (safetensors dtype such as BF16, or GGUF type such as Q4_1)."""
+        return {name: stored.dtype for name, stored in self._entries}
+
     def tensor_names(self) -> list[str]:
         """Native names, in file order."""
         return [name for name, _ in self._entries]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(native name, tensor) one at a time, native rotary layout, dtype as stored (quantized -> float32)."""
+    def tensors(self, packed: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """(native name, tensor) one at a time, native rotary layout, dtype as stored (quantized -> float32).
+
+        GGUF tensors whose type is in `packed` (a subset of gguf_blocks.PACKABLE) come as `GGUFBlocks`
+        instead, for quantized layers to use without re-quantizing.
+        """
         if self.format == "gguf":
             by_name = {t.name: t for t in self._reader.tensors}
             for name, stored in self._entries:
-                yield name, gguf_file.to_torch(by_name[stored.key])
+                if stored.dtype in packed and len(stored.shape) == 2:
+                    yield name, read_blocks(by_name[stored.key].data, stored.dtype, *stored.shape)
+                else:
+                    yield name, gguf_file.to_torch(by_name[stored.key])
             return
         for file, group in itertools.groupby(self._entries, key=lambda entry: entry[1].file):
             with _open_safetensors(file) as handle:

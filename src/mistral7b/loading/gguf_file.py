@@ -1,14 +1,13 @@
 """Reading a GGUF file (llama.cpp): decoded metadata, tensor headers, and one tensor at a time.
 
-`gguf.GGUFReader` memory-maps the file, so opening it reads only the header. Quirks handled here:
-tensor shapes in GGUF are listed reversed (ggml `ne` order: columns first); `ReaderTensor.data` is a
-numpy view in row-major order, `[rows, cols]` for float types and `[rows, bytes per row]` (uint8) for
-quantized and BF16 types, which `gguf.quants.dequantize` turns into float32 `[rows, cols]`.
+Our `GGUFFile` (gguf_reader.py) memory-maps the file, so opening it reads only the header. Tensor shapes in
+GGUF are listed reversed (ggml `ne` order: columns first) and come here in torch order; `GGUFTensor.data` is a
+numpy view, `[rows, cols]` for F32/F16 and `[rows, bytes per row]` (uint8) for quantized and BF16 types,
+which `gguf.quants.dequantize` turns into float32 `[rows, cols]`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gguf
@@ -17,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from mistral7b.errors import CheckpointError
+from mistral7b.loading.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
 from mistral7b.loading.safetensors_files import StoredTensor
 
 # F32/F16/BF16 are returned as stored; every type gguf.quants can dequantize is returned as float32.
@@ -25,36 +25,26 @@ _DEQUANTIZABLE = set(getattr(gguf.quants, "_type_traits", {})) | {
 }
 
 
-def open_reader(path: str) -> gguf.GGUFReader:
+def open_reader(path: str) -> GGUFFile:
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, OverflowError) as e:
+        reader = GGUFFile(path)
+    except GGUFFormatError as e:
+        if "truncated" in str(e):
+            raise CheckpointError(f"{path}: truncated GGUF file ({e})") from None
         raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
-    if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
     return reader
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Every key/value of the file as python values (lists of str for string arrays); GGUF.* counters left out."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
+    """Every key/value of the file as python values (lists of str for string arrays)."""
+    return dict(reader.metadata)
 
 
-def stored_tensors(reader: gguf.GGUFReader, path: str) -> list[StoredTensor]:
+def stored_tensors(reader: GGUFFile, path: str) -> list[StoredTensor]:
     """Headers of the file's tensors, shapes in torch (row-major) order, i.e. reversed from GGUF's."""
-    return [
-        StoredTensor(path, t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-        for t in reader.tensors
-    ]
+    return [StoredTensor(path, t.name, t.shape, t.tensor_type.name) for t in reader.tensors]
 
 
 def check_type(stored: StoredTensor) -> None:
@@ -62,9 +52,9 @@ def check_type(stored: StoredTensor) -> None:
         raise CheckpointError(f"{stored.file}: tensor {stored.key} has unsupported GGUF type {stored.dtype}")
 
 
-def to_torch(tensor: gguf.ReaderTensor) -> torch.Tensor:
+def to_torch(tensor: GGUFTensor) -> torch.Tensor:
     """One tensor as torch, shape in torch order: F32/F16/BF16 as stored, quantized types as float32."""
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shape = tensor.shape
     kind = tensor.tensor_type
     if kind in (QType.F32, QType.F16):
         array = np.array(tensor.data, copy=True)

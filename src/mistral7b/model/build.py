@@ -1,8 +1,16 @@
 """Materialize a Transformer from a checkpoint without ever holding two copies of the weights.
 
 The module tree is created on the meta device (no memory), then each tensor the checkpoint yields is
-converted to the target dtype/device and assigned in place of its meta parameter, one at a time, with a
-progress bar. Peak memory is the model plus one tensor.
+converted to the target dtype/device (or quantized) and put in place of its meta parameter, one at a time,
+with a progress bar. Peak memory is the model plus one tensor.
+
+Quantization (`quantize`):
+- None: every weight in `dtype`.
+- "int8" / "int4": the linear layers become weight-only int8 / int4 (groups of 32) modules; the output layer
+  stays int8 in int4 mode (as llama.cpp keeps it wider); the embedding table is stored as int8 blocks.
+- "auto": follow a GGUF file tensor by tensor: Q4_0/Q4_1 layers are used packed and exactly as int4, other
+  quantized types become int8 (per output channel), float tensors stay float; a Q8_0/Q4 embedding table is
+  kept exactly as it is stored. For other formats "auto" means None.
 """
 
 from __future__ import annotations
@@ -13,18 +21,48 @@ from tqdm import tqdm
 
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
+from mistral7b.loading.gguf_blocks import PACKABLE, GGUFBlocks
+from mistral7b.model.quantize import Int4Linear, QuantizedEmbedding, quantize_linear
 from mistral7b.model.transformer import Transformer
+
+QUANTIZE_MODES = (None, "auto", "int8", "int4")
+_FLOAT_GGUF = {"F32", "F16", "BF16"}
+
+
+def _linear_mode(name: str, stored_type: str, quantize: str | None, fmt: str) -> str | None:
+    """How to store the linear weight `name`: None (float), "int8" or "int4"."""
+    if quantize == "auto":
+        if fmt != "gguf" or stored_type in _FLOAT_GGUF:
+            return None
+        return "int4" if stored_type in ("Q4_0", "Q4_1") else "int8"
+    if quantize == "int4" and name != "output.weight":
+        return "int4"
+    return "int8" if quantize in ("int4", "int8") else None
 
 
 def build_model(
-    checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu", progress: bool = True
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    quantize: str | None = None,
 ) -> Transformer:
+    if quantize not in QUANTIZE_MODES:
+        raise CheckpointError(f"unknown quantization {quantize!r} (expected int8, int4 or auto)")
+    args = checkpoint.args
     with torch.device("meta"):
-        model = Transformer(checkpoint.args)
+        model = Transformer(args)
     params = dict(model.named_parameters(remove_duplicate=False))
-    names = checkpoint.tensor_names()
+    types = checkpoint.stored_types()
+    linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear_modes = {n: _linear_mode(n, t, quantize, checkpoint.format) for n, t in types.items() if n in linear_names}
+    if args.tied_embeddings:
+        linear_modes["output.weight"] = _linear_mode("output.weight", types["tok_embeddings.weight"], quantize,
+                                                     checkpoint.format)
+    quantized = any(linear_modes.values())
+    packed = PACKABLE if quantized and checkpoint.format == "gguf" else frozenset()
     for name, tensor in tqdm(
-        checkpoint.tensors(), total=len(names), desc="loading weights", unit="tensor", disable=not progress,
+        checkpoint.tensors(packed), total=len(types), desc="loading weights", unit="tensor", disable=not progress,
         leave=False,
     ):
         if name not in params:
@@ -35,10 +73,39 @@ def build_model(
                 f"config expects {tuple(params[name].shape)}"
             )
         module_name, _, attr = name.rpartition(".")
-        value = tensor.to(device=device, dtype=dtype)
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
-    model.tie_weights()
+        if linear_modes.get(name) is not None:
+            _set_module(model, module_name, _quantized_linear(tensor, linear_modes[name], dtype, device))
+        elif name == "tok_embeddings.weight" and quantized:
+            # With quantized layers a float table would dominate memory: keep it quantized (exactly, for GGUF).
+            if args.tied_embeddings and linear_modes["output.weight"] is not None:
+                model.output = _quantized_linear(tensor, linear_modes["output.weight"], dtype, device)
+            model.tok_embeddings = _quantized_embedding(tensor, dtype, device)
+        else:
+            value = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
+            module = model.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    if args.tied_embeddings and isinstance(model.output, nn.Linear) and isinstance(model.tok_embeddings, nn.Embedding):
+        model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     return model.eval()
+
+
+def _quantized_linear(tensor: torch.Tensor | GGUFBlocks, mode: str, dtype: torch.dtype, device) -> nn.Module:
+    if mode == "int4" and isinstance(tensor, GGUFBlocks) and tensor.kind in ("Q4_0", "Q4_1"):
+        q = (tensor.values.to(torch.int32) + 8).to(device)
+        return Int4Linear(q, tensor.scales.to(device), tensor.zeros.to(device), 32, dtype)
+    weight = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
+    return quantize_linear(weight.to(device), mode, dtype)
+
+
+def _quantized_embedding(tensor: torch.Tensor | GGUFBlocks, dtype: torch.dtype, device) -> QuantizedEmbedding:
+    if isinstance(tensor, GGUFBlocks):
+        return QuantizedEmbedding(tensor.values.to(device), tensor.scales.to(device), tensor.zeros.to(device), dtype)
+    return QuantizedEmbedding.from_float(tensor.to(device), dtype)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -15,7 +15,7 @@ from torch import nn
 
 from mistral7b.config import ModelArgs
 from mistral7b.model.attention import AttentionMetadata
-from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
 
 class KVCache(Protocol):
@@ -35,9 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
@@ -48,20 +46,20 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv fused for inference (model/fuse.py)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        cache: KVCache | None,
-        layer: int,
+        self, x: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), freqs)
+        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), freqs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v, meta)
         out = F.scaled_dot_product_attention(
@@ -82,8 +80,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # w1, w3 fused for inference (model/fuse.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -95,8 +97,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache | None, layer: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, meta, cache, layer)
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, meta, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -111,6 +115,11 @@ class Transformer(nn.Module):
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the residual stream (embeddings may be stored narrower)."""
+        return self.norm.weight.dtype
 
     def tie_weights(self) -> None:
         """Share the output matrix with the embeddings again (after weights were assigned)."""
@@ -141,10 +150,11 @@ class Transformer(nn.Module):
             meta = cache.prepare(positions)
         else:
             meta = AttentionMetadata.without_cache(positions, self.args.sliding_window, segment_ids)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq(tokens.device))
-        h = self.tok_embeddings(tokens)
+        freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
+        # The residual stream runs in the norms' dtype (embeddings may be stored narrower when quantized).
+        h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, cache, i)
+            h = layer(h, freqs, meta, cache, i)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index]
         return self.output(self.norm(h)).float()

@@ -1,0 +1,138 @@
+"""Weight-only quantized linear layers on PyTorch's packed int8/int4 matmul kernels.
+
+Decoding one token reads every weight once, so on a CPU (and a GPU at batch 1) its speed is set by weight
+bytes: int8 halves bf16 and int4 quarters it. Activations stay in float; only weights are quantized.
+
+- `Int8Linear`: symmetric per-output-channel int8, `torch._weight_int8pack_mm`.
+- `Int4Linear`: asymmetric int4 in groups along the input dimension, dequantized as
+  w = (q - 8) * scale + zero, which is exactly how GGUF's Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale)
+  blocks of 32 decode, so those files load into it without any re-quantization error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales.to(dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        out = torch._weight_int8pack_mm(flat, self.weight_int8, scales)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack q [N, K] (int32 values 0..15) in the layout the device's int4 kernel wants."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 dtype: torch.dtype):
+        """q [N, K] integer values in 0..15; scales/zeros [N, K // group_size]."""
+        super().__init__()
+        N, K = q.shape
+        if group_size not in INT4_GROUP_SIZES or K % group_size:
+            raise ValueError(f"int4 needs in_features ({K}) to be a multiple of group size {group_size}")
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+        self.register_buffer("weight_int4", _pack_int4(q))
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+                             .contiguous().to(dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Linear:
+        N, K = weight.shape
+        w = weight.float().reshape(N, K // group_size, group_size)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+        q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
+        return cls(q, scales, lo + 8.0 * scales, group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
+        if x.device.type == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, sz)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm(flat, self.weight_int4, self.group_size, sz)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table stored as int8 values with a scale and zero per block of 32: w = v * scale + zero.
+
+    Only the looked-up rows are dequantized, so a GGUF Q8_0/Q4 table is used exactly at a quarter (or less)
+    of the float32 memory.
+    """
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = values.shape
+        self.block = self.embedding_dim // scales.shape[1]
+        self.register_buffer("values", values.to(torch.int8))
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("zeros", zeros.float())
+        self.dtype = dtype
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype, block: int = 32) -> QuantizedEmbedding:
+        V, D = weight.shape
+        if D % block:
+            block = D
+        w = weight.float().reshape(V, D // block, block)
+        scales = w.abs().amax(-1).clamp(min=1e-10) / 127.0
+        values = torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8).reshape(V, D)
+        return cls(values, scales, torch.zeros_like(scales), dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        V, D = self.values.shape
+        w = self.values.reshape(V, -1, self.block).float() * self.scales[..., None] + self.zeros[..., None]
+        return w.reshape(V, D)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        v = self.values[tokens].reshape(*tokens.shape, -1, self.block).float()
+        w = v * self.scales[tokens][..., None] + self.zeros[tokens][..., None]
+        return w.flatten(-2).to(self.dtype)
+
+
+def quantize_linear(weight: torch.Tensor, mode: str, dtype: torch.dtype, group_size: int = 32) -> nn.Module:
+    """A quantized replacement for nn.Linear(weight) (no bias); falls back to int8 where int4 cannot apply."""
+    if mode == "int4" and weight.shape[1] % group_size == 0:
+        return Int4Linear.from_float(weight, group_size, dtype)
+    if mode in ("int4", "int8"):
+        return Int8Linear.from_float(weight, dtype)
+    raise ValueError(f"unknown quantization {mode!r} (expected int8 or int4)")
+
+
+def quantize_model(model: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
+    """Swap every float nn.Linear of a built model for its quantized form (output layer int8 in int4 mode)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
+            layer_mode = "int8" if name == "output" else mode
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    quantize_linear(module.weight.detach(), layer_mode, dtype))
+    return model

@@ -1,0 +1,115 @@
+"""Weight-only int8/int4 layers, GGUF Q4 blocks used packed, fusion, and the quality guard on SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import textwrap
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral7b.loading import open_checkpoint, save_gguf
+from mistral7b.loading.gguf_blocks import read_blocks
+from mistral7b.model.build import build_model
+from mistral7b.model.fuse import fuse_projections
+from mistral7b.model.quantize import Int4Linear, Int8Linear
+from tests.conftest import hf_model, rel_err, smollm2_path, tiny_args
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_q4_blocks_run_exactly_in_the_int4_kernel(kind):
+    """Oracle: gguf's own dequantization of the same bytes, then a float matmul."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).numpy()
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
+    blocks = read_blocks(raw, kind, 64, 128)
+    assert torch.equal(blocks.dequantize(), reference)
+    layer = Int4Linear(blocks.values.int() + 8, blocks.scales, blocks.zeros, 32, torch.float32)
+    x = torch.randn(5, 128)
+    assert rel_err(layer(x), F.linear(x, reference)) < 1e-5
+
+
+def test_int8_and_int4_from_float_approximate_the_matmul():
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 7, 256)
+    exact = F.linear(x, w)
+    int8, int4 = Int8Linear.from_float(w, torch.float32), Int4Linear.from_float(w, 32, torch.float32)
+    assert int8(x).shape == exact.shape == int4(x).shape
+    assert rel_err(int8(x), exact) < 0.02
+    assert rel_err(int4(x), exact) < 0.15
+    assert rel_err(int8(x), F.linear(x, int8.dequantize())) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    args = tiny_args(window=6, n_heads=4, n_kv_heads=2, vocab=96)
+    hf = hf_model(args, seed=3)
+    hf.save_pretrained(root / "hf")
+    state = dict(open_checkpoint(str(root / "hf")).tensors())
+    for q in ("Q4_0", "Q4_1", "Q8_0"):
+        save_gguf(root / f"{q}.gguf", args, state, qtype=q)
+    return root
+
+
+@pytest.mark.parametrize("kind,tol", [("Q4_0", 1e-4), ("Q4_1", 1e-4), ("Q8_0", 3e-2)])
+def test_auto_mode_follows_the_gguf_file(tiny_files, kind, tol):
+    ckpt = open_checkpoint(str(tiny_files / f"{kind}.gguf"))
+    reference = build_model(ckpt, torch.float32, progress=False)  # dequantized to float
+    packed = build_model(ckpt, torch.float32, progress=False, quantize="auto")
+    layer_type = Int4Linear if kind.startswith("Q4") else Int8Linear
+    assert isinstance(packed.layers[0].attention.wq, layer_type)
+    tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(20).expand(2, 20)
+    with torch.no_grad():
+        assert rel_err(packed(tokens, pos), reference(tokens, pos)) < tol
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_fused_projections_give_the_same_logits(tmp_path, mode):
+    args = dataclasses.replace(tiny_args(window=6, n_heads=4, n_kv_heads=4, vocab=96), hidden_dim=128)
+    hf_model(args, seed=4).save_pretrained(tmp_path)  # every projection a whole number of 64-row int4 tiles
+    ckpt = open_checkpoint(str(tmp_path))
+    model = build_model(ckpt, torch.float32, progress=False, quantize=mode)
+    tokens = torch.randint(0, 96, (1, 15), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(15)[None]
+    with torch.no_grad():
+        before = model(tokens, pos)
+        fuse_projections(model)
+        after = model(tokens, pos)
+    assert model.layers[0].attention.wqkv is not None and not hasattr(model.layers[0].attention, "wq")
+    assert rel_err(after, before) < 1e-5
+
+
+def heldout_text() -> str:
+    """A few thousand tokens of English prose that no model here was tuned on: stdlib documentation."""
+    parts = [inspect.getdoc(m) or "" for m in (textwrap, json, inspect, math)]
+    parts += [inspect.getdoc(f) or "" for f in (textwrap.wrap, textwrap.dedent, json.dumps, json.loads,
+                                                 inspect.signature, inspect.getsource)]
+    return "\n\n".join(parts)
+
+
+def perplexity(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logp = model(ids, torch.arange(ids.shape[1])[None])[0, :-1].log_softmax(-1)
+    return math.exp(-float(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].mean()))
+
+
+def test_quantized_perplexity_stays_close_to_float():
+    """The quality guard of every quantized mode on the embedded model (numbers in bench/README.md)."""
+    from mistral7b.engine.llm import checkpoint_tokenizer
+
+    ckpt = open_checkpoint(smollm2_path())
+    ids = torch.tensor([checkpoint_tokenizer(ckpt).encode(heldout_text(), add_bos=False)[:512]])
+    reference = perplexity(build_model(ckpt, torch.float32, progress=False), ids)
+    assert 2 < reference < 60
+    for mode, limit in (("auto", 1.03), ("int8", 1.03), ("int4", 1.25)):
+        ppl = perplexity(fuse_projections(build_model(ckpt, torch.float32, progress=False, quantize=mode)), ids)
+        assert ppl / reference < limit, (mode, ppl, reference)
