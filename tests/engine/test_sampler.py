@@ -41,7 +41,7 @@ def test_filters_keep_the_same_tokens_as_hf(top_k, top_p, min_p):
 
 def test_greedy_and_raw_logprob():
     logits = logits_row(2)
-    token, logprob = sample_token(logits, SamplingParams(temperature=0), torch.tensor([], dtype=torch.long), None)
+    token, logprob = sample_token(logits, SamplingParams(temperature=0, logprobs=True), None, None)
     assert token == int(logits.argmax())
     assert logprob == pytest.approx(float(logits.log_softmax(-1).max()))
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import math
-import textwrap
 
 import gguf
 import numpy as np
@@ -19,6 +16,7 @@ from mistral7b.loading.gguf_blocks import read_blocks
 from mistral7b.model.build import build_model
 from mistral7b.model.fuse import fuse_projections
 from mistral7b.model.quantize import Int4Linear, Int8Linear
+from bench.heldout import heldout_text
 from tests.conftest import hf_model, rel_err, smollm2_path, tiny_args
 
 
@@ -86,14 +84,6 @@ def test_fused_projections_give_the_same_logits(tmp_path, mode):
         after = model(tokens, pos)
     assert model.layers[0].attention.wqkv is not None and not hasattr(model.layers[0].attention, "wq")
     assert rel_err(after, before) < 1e-5
-
-
-def heldout_text() -> str:
-    """A few thousand tokens of English prose that no model here was tuned on: stdlib documentation."""
-    parts = [inspect.getdoc(m) or "" for m in (textwrap, json, inspect, math)]
-    parts += [inspect.getdoc(f) or "" for f in (textwrap.wrap, textwrap.dedent, json.dumps, json.loads,
-                                                 inspect.signature, inspect.getsource)]
-    return "\n\n".join(parts)
 
 
 def perplexity(model, ids: torch.Tensor) -> float:

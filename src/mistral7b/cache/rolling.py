@@ -74,7 +74,9 @@ class RollingKVCache:
         # Of a chunk longer than W only the last W positions of each row stay in the ring.
         keep = valid if self.window is None else valid & (positions > (last - self.window).unsqueeze(1))
         batch_idx, token_idx = keep.nonzero(as_tuple=True)
-        write = CacheWrite(batch=batch_idx, token=token_idx, slot=slot[batch_idx, token_idx])
+        slots = slot[batch_idx, token_idx]
+        write = CacheWrite(batch=batch_idx, token=token_idx, slot=slots, rows=batch_idx * positions.shape[1] + token_idx,
+                           slots=batch_idx * self.capacity + slots)
 
         wraps = self.window is not None and int(last.max()) >= self.window
         concat_new = positions.shape[1] > 1 and wraps
@@ -96,8 +98,9 @@ class RollingKVCache:
         if meta.concat_new:
             keys, values = torch.cat([cache_k, k.to(self.dtype)], 1), torch.cat([cache_v, v.to(self.dtype)], 1)
         if w is not None:
-            cache_k[w.batch, w.slot] = k[w.batch, w.token].to(self.dtype)
-            cache_v[w.batch, w.slot] = v[w.batch, w.token].to(self.dtype)
+            flat = (-1, *self._kv_shape)
+            cache_k.view(flat).index_copy_(0, w.slots, k.reshape(flat).index_select(0, w.rows).to(self.dtype))
+            cache_v.view(flat).index_copy_(0, w.slots, v.reshape(flat).index_select(0, w.rows).to(self.dtype))
         if meta.concat_new:
             return keys, values
         return cache_k, cache_v

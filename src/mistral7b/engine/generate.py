@@ -79,7 +79,8 @@ def generate_stream(
     while live:
         for i in live:
             row = rows[i]
-            seen = torch.tensor(row.prompt + row.output, dtype=torch.long)
+            seen = (torch.tensor(row.prompt + row.output, dtype=torch.long)
+                    if row.params.repetition_penalty != 1.0 else None)
             token, logprob = sample_token(last_logits[i], row.params, seen, row.generator)
             row.output.append(token)
             row.logprobs.append(logprob)

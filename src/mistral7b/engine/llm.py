@@ -20,8 +20,9 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
+from mistral7b.runtime import tune_allocator
 from mistral7b.loading import Checkpoint, open_checkpoint
-from mistral7b.model.build import QUANTIZE_MODES, build_model
+from mistral7b.model.build import QUANTIZE_MODES, build_model, quantizes
 from mistral7b.model.fuse import fuse_projections
 from mistral7b.model.quantize import quantize_model
 from mistral7b.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -41,11 +42,16 @@ def checkpoint_tokenizer(checkpoint: Checkpoint) -> Tokenizer | None:
     return load_tokenizer(folder)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """"auto": bfloat16 on GPUs, and on CPUs with bf16 support for quantized models (the packed CPU kernels
+    are fast only with bf16 activations); float32 otherwise (the exact reference path)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (quantized and torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return torch.bfloat16
+        return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -78,10 +84,11 @@ class LLM:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise RequestError(f"threads must be a positive integer, got {threads!r}")
             torch.set_num_threads(threads)
+        tune_allocator()
         self.model_path = model or default_model_path()
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         checkpoint = open_checkpoint(self.model_path, sliding_window=sliding_window)
+        self.dtype = resolve_dtype(dtype, self.device, quantized=quantizes(checkpoint, quantize))
         self.args = checkpoint.args
         self.checkpoint_format = checkpoint.format
         self.tokenizer = checkpoint_tokenizer(checkpoint)

@@ -11,9 +11,9 @@ import torch
 from mistral7b.engine.sampling_params import SamplingParams
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """CTRL-style penalty (as in HF and vLLM): shrink logits of tokens already in prompt or output."""
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0 or seen is None or seen.numel() == 0:
         return logits
     picked = logits[seen]
     logits = logits.clone()
@@ -41,14 +41,16 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None
-) -> tuple[int, float]:
-    """Pick the next token from logits [vocab] (float32); return it with its raw log-probability."""
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None
+) -> tuple[int, float | None]:
+    """Pick the next token from logits [vocab] (float32); return it with its raw log-probability when the
+    request asks for log-probabilities (None otherwise: a log-softmax over the vocabulary per token is not free).
+    `seen` (prompt + output ids) is needed only with a repetition penalty."""
     processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         token = int(processed.argmax())
     else:
         probs = filter_logits(processed, params).softmax(-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
-    logprob = float(logits.log_softmax(-1)[token])
+    logprob = float(logits.log_softmax(-1)[token]) if params.logprobs else None
     return token, logprob

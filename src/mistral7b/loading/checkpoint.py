@@ -54,10 +54,13 @@ class Checkpoint:
         if self.format == "gguf":
             by_name = {t.name: t for t in self._reader.tensors}
             for name, stored in self._entries:
+                tensor = by_name[stored.key]
                 if stored.dtype in packed and len(stored.shape) == 2:
-                    yield name, read_blocks(by_name[stored.key].data, stored.dtype, *stored.shape)
+                    value = read_blocks(tensor.data, stored.dtype, *stored.shape)
                 else:
-                    yield name, gguf_file.to_torch(by_name[stored.key])
+                    value = gguf_file.to_torch(tensor)
+                self._reader.release(tensor)  # every value above is a copy: the file pages can go
+                yield name, value
             return
         for file, group in itertools.groupby(self._entries, key=lambda entry: entry[1].file):
             with _open_safetensors(file) as handle:

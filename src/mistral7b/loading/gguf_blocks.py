@@ -35,9 +35,11 @@ class GGUFBlocks:
     def shape(self) -> tuple[int, int]:
         return tuple(self.values.shape)
 
-    def dequantize(self) -> torch.Tensor:
-        N, K = self.values.shape
-        w = self.values.reshape(N, K // BLOCK, BLOCK).float() * self.scales[..., None] + self.zeros[..., None]
+    def dequantize(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Float32 weights of rows lo..hi (all rows by default)."""
+        values, scales, zeros = self.values[lo:hi], self.scales[lo:hi], self.zeros[lo:hi]
+        N, K = values.shape
+        w = values.reshape(N, K // BLOCK, BLOCK).float() * scales[..., None] + zeros[..., None]
         return w.reshape(N, K)
 
 

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QType
 
 from mistral7b.errors import CheckpointError
 from mistral7b.loading.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensor
 from mistral7b.loading.safetensors_files import StoredTensor
 
-# F32/F16/BF16 are returned as stored; every type gguf.quants can dequantize is returned as float32.
-_DEQUANTIZABLE = set(getattr(gguf.quants, "_type_traits", {})) | {
-    QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-}
+_DIRECT = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+
+
+def _dequantizable() -> set[str]:
+    """F32/F16/BF16 are returned as stored; every type gguf.quants can dequantize is returned as float32."""
+    import gguf
+
+    return _DIRECT | {t.name for t in getattr(gguf.quants, "_type_traits", {})}
 
 
 def open_reader(path: str) -> GGUFFile:
@@ -44,11 +46,11 @@ def read_metadata(reader: GGUFFile) -> dict[str, Any]:
 
 def stored_tensors(reader: GGUFFile, path: str) -> list[StoredTensor]:
     """Headers of the file's tensors, shapes in torch (row-major) order, i.e. reversed from GGUF's."""
-    return [StoredTensor(path, t.name, t.shape, t.tensor_type.name) for t in reader.tensors]
+    return [StoredTensor(path, t.name, t.shape, t.tensor_type) for t in reader.tensors]
 
 
 def check_type(stored: StoredTensor) -> None:
-    if QType[stored.dtype] not in _DEQUANTIZABLE:
+    if stored.dtype not in _DIRECT and stored.dtype not in _dequantizable():
         raise CheckpointError(f"{stored.file}: tensor {stored.key} has unsupported GGUF type {stored.dtype}")
 
 
@@ -56,11 +58,13 @@ def to_torch(tensor: GGUFTensor) -> torch.Tensor:
     """One tensor as torch, shape in torch order: F32/F16/BF16 as stored, quantized types as float32."""
     shape = tensor.shape
     kind = tensor.tensor_type
-    if kind in (QType.F32, QType.F16):
+    if kind in ("F32", "F16"):
         array = np.array(tensor.data, copy=True)
         return torch.from_numpy(array).reshape(shape)
-    if kind == QType.BF16:
+    if kind == "BF16":
         array = np.array(tensor.data, copy=True).view(np.int16)
         return torch.from_numpy(array).view(torch.bfloat16).reshape(shape)
-    array = gguf.quants.dequantize(tensor.data, kind)
+    import gguf
+
+    array = gguf.quants.dequantize(tensor.data, gguf.GGMLQuantizationType[kind])
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(shape)

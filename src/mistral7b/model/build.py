@@ -7,7 +7,8 @@ with a progress bar. Peak memory is the model plus one tensor.
 Quantization (`quantize`):
 - None: every weight in `dtype`.
 - "int8" / "int4": the linear layers become weight-only int8 / int4 (groups of 32) modules; the output layer
-  stays int8 in int4 mode (as llama.cpp keeps it wider); the embedding table is stored as int8 blocks.
+  stays int8 in int4 mode (as llama.cpp keeps it wider); the embedding table is stored as int8 blocks
+  (tied embeddings: the output layer's int8 rows serve the lookup too).
 - "auto": follow a GGUF file tensor by tensor: Q4_0/Q4_1 layers are used packed and exactly as int4, other
   quantized types become int8 (per output channel), float tensors stay float; a Q8_0/Q4 embedding table is
   kept exactly as it is stored. For other formats "auto" means None.
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
 from mistral7b.loading.gguf_blocks import PACKABLE, GGUFBlocks
-from mistral7b.model.quantize import Int4Linear, QuantizedEmbedding, quantize_linear
+from mistral7b.model.quantize import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_linear
 from mistral7b.model.transformer import Transformer
 
 QUANTIZE_MODES = (None, "auto", "int8", "int4")
@@ -38,6 +39,13 @@ def _linear_mode(name: str, stored_type: str, quantize: str | None, fmt: str) ->
     if quantize == "int4" and name != "output.weight":
         return "int4"
     return "int8" if quantize in ("int4", "int8") else None
+
+
+def quantizes(checkpoint: Checkpoint, quantize: str | None) -> bool:
+    """Whether loading with `quantize` gives any quantized layer."""
+    if quantize == "auto":
+        return checkpoint.format == "gguf" and any(t not in _FLOAT_GGUF for t in checkpoint.stored_types().values())
+    return quantize in ("int8", "int4")
 
 
 def build_model(
@@ -79,7 +87,14 @@ def build_model(
             # With quantized layers a float table would dominate memory: keep it quantized (exactly, for GGUF).
             if args.tied_embeddings and linear_modes["output.weight"] is not None:
                 model.output = _quantized_linear(tensor, linear_modes["output.weight"], dtype, device)
-            model.tok_embeddings = _quantized_embedding(tensor, dtype, device)
+            if isinstance(model.output, Int8Linear) and args.tied_embeddings:
+                # Tied: the lookup reads the output layer's int8 rows (one copy of the table, not two).
+                out = model.output
+                model.tok_embeddings = QuantizedEmbedding(out.weight_int8, out.scales.float()[:, None],
+                                                          torch.zeros_like(out.scales, dtype=torch.float32)[:, None],
+                                                          dtype)
+            else:
+                model.tok_embeddings = _quantized_embedding(tensor, dtype, device)
         else:
             value = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
             module = model.get_submodule(module_name)
@@ -96,6 +111,8 @@ def _quantized_linear(tensor: torch.Tensor | GGUFBlocks, mode: str, dtype: torch
     if mode == "int4" and isinstance(tensor, GGUFBlocks) and tensor.kind in ("Q4_0", "Q4_1"):
         q = (tensor.values.to(torch.int32) + 8).to(device)
         return Int4Linear(q, tensor.scales.to(device), tensor.zeros.to(device), 32, dtype)
+    if mode == "int8" and isinstance(tensor, GGUFBlocks):
+        return Int8Linear.from_rows(tensor.shape[0], lambda lo, hi: tensor.dequantize(lo, hi).to(device), dtype)
     weight = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
     return quantize_linear(weight.to(device), mode, dtype)
 

@@ -33,6 +33,7 @@ def _stack(modules: list[nn.Module]) -> nn.Module | None:
         fused.in_features, fused.group_size = modules[0].in_features, modules[0].group_size
         fused.out_features = sum(m.out_features for m in modules)
         fused.register_buffer("weight_int4", torch.cat([m.weight_int4 for m in modules]))
+        fused.register_buffer("weight_nibbles", None)  # whole CPU tiles: read back from the packed layout
         fused.register_buffer("scales_and_zeros", torch.cat([m.scales_and_zeros for m in modules], dim=1))
         return fused
     return None

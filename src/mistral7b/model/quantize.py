@@ -2,6 +2,9 @@
 
 Decoding one token reads every weight once, so on a CPU (and a GPU at batch 1) its speed is set by weight
 bytes: int8 halves bf16 and int4 quarters it. Activations stay in float; only weights are quantized.
+The packed kernels are built for few rows (decode); for many rows (pre-fill) a dense bf16 matmul is far
+faster (AMX/AVX512-BF16), so there each layer dequantizes its weight on the fly and calls F.linear.
+The CPU kernels are fast only with bfloat16 activations: quantized models compute in bfloat16 by default.
 
 - `Int8Linear`: symmetric per-output-channel int8, `torch._weight_int8pack_mm`.
 - `Int4Linear`: asymmetric int4 in groups along the input dimension, dequantized as
@@ -11,10 +14,14 @@ bytes: int8 halves bf16 and int4 quarters it. Activations stay in float; only we
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+DENSE_MIN_ROWS = 8  # from this many input rows on, dequantize and use a dense matmul
 
 
 class Int8Linear(nn.Module):
@@ -26,10 +33,19 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
-        w = weight.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales.to(dtype))
+        return cls.from_rows(weight.shape[0], lambda lo, hi: weight[lo:hi], dtype)
+
+    @classmethod
+    def from_rows(cls, n_rows: int, rows: Callable[[int, int], torch.Tensor], dtype: torch.dtype,
+                  chunk: int = 4096) -> Int8Linear:
+        """Quantize a weight given by row ranges, a chunk at a time, so no full-size float temporary exists."""
+        qs, all_scales = [], []
+        for lo in range(0, n_rows, chunk):
+            w = rows(lo, min(lo + chunk, n_rows)).float()
+            scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0
+            qs.append(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+            all_scales.append(scales)
+        return cls(torch.cat(qs), torch.cat(all_scales).to(dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
@@ -37,8 +53,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if flat.shape[0] >= DENSE_MIN_ROWS:
+            return F.linear(x, self.weight_int8.to(x.dtype) * scales[:, None])
         out = torch._weight_int8pack_mm(flat, self.weight_int8, scales)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+TILE_ROWS = 64  # the CPU int4 layout: per tile of 64 rows, per column k, 32 bytes = rows (j, j + 32)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -59,6 +84,10 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs in_features ({K}) to be a multiple of group size {group_size}")
         self.in_features, self.out_features, self.group_size = K, N, group_size
         self.register_buffer("weight_int4", _pack_int4(q))
+        # For the dense pre-fill path the weights are unpacked on the fly; where the packed layout cannot be
+        # read back (GPU, or rows not in whole CPU tiles) the nibbles are also kept in plain row order.
+        readable = q.device.type == "cpu" and N % TILE_ROWS == 0
+        self.register_buffer("weight_nibbles", None if readable else (q[:, 0::2] | q[:, 1::2] << 4).to(torch.uint8))
         self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
                              .contiguous().to(dtype))
 
@@ -71,8 +100,25 @@ class Int4Linear(nn.Module):
         q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
         return cls(q, scales, lo + 8.0 * scales, group_size, dtype)
 
+    def values(self) -> torch.Tensor:
+        """The 4-bit values q [N, K] (0..15) in natural order."""
+        N, K = self.out_features, self.in_features
+        if self.weight_nibbles is not None:
+            return _nibbles(self.weight_nibbles).reshape(N, K)
+        b = self.weight_int4.reshape(N // TILE_ROWS, K, TILE_ROWS // 2)
+        tiles = torch.cat([b & 15, b >> 4], dim=2)  # [tiles, K, 64]: low nibbles rows 0..31, high 32..63
+        return tiles.transpose(1, 2).reshape(N, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K, G = self.out_features, self.in_features, self.group_size
+        q = self.values().reshape(N, K // G, G).to(dtype) - 8
+        scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)
+        return (q * scales[..., None] + zeros[..., None]).reshape(N, K)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= DENSE_MIN_ROWS:
+            return F.linear(x, self.dequantize(x.dtype))
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
         if x.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.group_size, sz)
@@ -92,7 +138,7 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = values.shape
         self.block = self.embedding_dim // scales.shape[1]
-        self.register_buffer("values", values.to(torch.int8))
+        self.register_buffer("values", values if values.dtype == torch.int8 else values.to(torch.int8))
         self.register_buffer("scales", scales.float())
         self.register_buffer("zeros", zeros.float())
         self.dtype = dtype

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op; accumulates in float32
 
 
 class Attention(nn.Module):
@@ -52,14 +52,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
+            qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            n_qk = self.n_heads + self.n_kv_heads
+            q, k = apply_rotary(qkv[:, :, :n_qk], freqs).split([self.n_heads, self.n_kv_heads], dim=2)
+            v = qkv[:, :, n_qk:]
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), freqs)
-        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), freqs)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+            q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs)
+            k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs)
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v, meta)
         out = F.scaled_dot_product_attention(
