@@ -1,0 +1,111 @@
+"""The training loop: it learns (only from answers), resumes exactly after SIGKILL, and two gloo processes give
+the update of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from mistral7b.finetune.trainer import Trainer, TrainConfig
+from tests.finetune.conftest import chat, write_jsonl
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "mistral7b", "finetune", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
+                            start_new_session=True)  # its own process group: a hang kills the workers too
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out: {err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _small(model: str, data: str, out: str) -> list[str]:
+    return ["--model", model, "--data", data, "--out", out, "--lr", "1e-2", "--max-steps", "8", "--seq-len", "32",
+            "--batch-tokens", "64", "--warmup", "2", "--save-every", "3", "--quiet"]
+
+
+def test_tiny_windowed_model_overfits_a_chat_set(tiny_mistral, chats, tmp_path):
+    cfg = TrainConfig(model=tiny_mistral, data=chats, eval_data=chats, out=str(tmp_path / "run"), full=True,
+                      lr=1e-2, max_steps=40, seq_len=64, batch_tokens=128, warmup=3, eval_every=20, save_every=20,
+                      activation_checkpointing=False, progress=False)
+    summary = Trainer(cfg).run()
+    history = json.load(open(tmp_path / "run" / "history.json"))
+    first, last = history[0]["loss"], summary["final_loss"]
+    assert last < 0.1 * first, (first, last)
+    assert summary["eval_loss"] < 0.1 * first
+    assert os.path.getsize(tmp_path / "run" / "loss_curve.png") > 1000
+    # The written model loads in our engine and now answers in the pattern the chats taught it.
+    from mistral7b.engine.llm import LLM
+    from mistral7b.engine.sampling_params import SamplingParams
+
+    llm = LLM(str(tmp_path / "run"), progress=False)
+    out = llm.chat(chat("Carol")["messages"][:2], SamplingParams(temperature=0, max_tokens=12))
+    assert out.outputs[0].text.endswith(" is a friend of mine from school."), out.outputs[0].text
+
+
+def test_sigkill_and_resume_ends_at_the_uninterrupted_loss(tiny_mistral, chats, tmp_path):
+    killed = _cli(*_small(tiny_mistral, chats, str(tmp_path / "k")),
+                  env={**ENV, "MISTRAL7B_FINETUNE_SIGKILL_AT_STEP": "5"})
+    assert killed.returncode == -9, killed.stderr
+    assert json.load(open(tmp_path / "k" / "checkpoints" / "latest.json"))["step"] == 3  # steps 4-5 are lost
+    resumed = _cli(*_small(tiny_mistral, chats, str(tmp_path / "k")), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    straight = _cli(*_small(tiny_mistral, chats, str(tmp_path / "u")))  # same process setup (threads) as above
+    assert straight.returncode == 0, straight.stderr
+    assert abs(json.loads(resumed.stdout)["final_loss"] - json.loads(straight.stdout)["final_loss"]) < 1e-6
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("k", "u"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(tiny_mistral, chats, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = _cli(*_small(tiny_mistral, chats, str(tmp_path / "ddp")), launcher=launcher)
+    assert two.returncode == 0, two.stderr[-2000:]
+    cfg = TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "one"), lr=1e-2, max_steps=8, seq_len=32,
+                      batch_tokens=64, grad_accum=2, warmup=2, save_every=3, progress=False)
+    one = Trainer(cfg).run()
+    ddp_hist = json.load(open(tmp_path / "ddp" / "history.json"))
+    one_hist = json.load(open(tmp_path / "one" / "history.json"))
+    assert len(ddp_hist) == len(one_hist) == 8
+    for x, y in zip(ddp_hist, one_hist):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * y["loss"]
+    assert ddp_hist[-1]["loss"] < ddp_hist[0]["loss"]  # it trained
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ddp", "one"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_checkpoints_hold_no_pickle(tiny_mistral, chats, tmp_path):
+    cfg = TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "r"), max_steps=2, seq_len=32,
+                      batch_tokens=64, save_every=1, progress=False)
+    Trainer(cfg).run()
+    root = tmp_path / "r" / "checkpoints"
+    kept = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    assert kept == ["step_000001", "step_000002"]
+    for d in kept:
+        assert sorted(os.listdir(root / d)) == ["state.json", "tensors.safetensors"]
+        tensors = load_file(root / d / "tensors.safetensors")
+        assert any(k.startswith("optim.") for k in tensors) and tensors["rng.cpu"].dtype == torch.uint8
+
+
+def test_bad_data_and_options_are_one_line_errors(tiny_mistral, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("Alice"), "[1, 2]"])
+    for extra, message in (([], "bad.jsonl: line 2: expected an object"),
+                           (["--seq-len", "0"], "--seq-len must be a positive integer")):
+        p = _cli("--model", tiny_mistral, "--data", bad, "--out", str(tmp_path / "o"), "--quiet", *extra)
+        assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and message in p.stderr, p.stderr
+    p = _cli("--model", tiny_mistral, "--data", bad, "--out", str(tmp_path / "o"), "--quiet", "--skip-bad",
+             "--max-steps", "1", "--seq-len", "64", "--batch-tokens", "64")
+    assert p.returncode == 0 and "skipped 1 bad record(s)" in p.stderr, p.stderr
