@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral7b.cache import RollingKVCache
+from mistral7b.engine.batching import padded_chunk
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.outputs import StreamEvent
 from mistral7b.engine.sampler import sample_token
@@ -108,14 +109,8 @@ def _prefill(
     last_logits = torch.empty(B, model.args.vocab_size)
     for start in range(0, longest, chunk_size):
         width = min(chunk_size, longest - start)
-        tokens = torch.zeros(B, width, dtype=torch.long)
-        positions = torch.full((B, width), -1, dtype=torch.long)
-        ends_here = torch.zeros(B, dtype=torch.long)
-        for i, r in enumerate(rows):
-            piece = r.prompt[start : start + width]
-            tokens[i, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-            positions[i, : len(piece)] = torch.arange(start, start + len(piece))
-            ends_here[i] = max(len(piece) - 1, 0)
+        tokens, positions = padded_chunk([r.prompt for r in rows], start, width)
+        ends_here = torch.tensor([max(min(width, len(r.prompt) - start) - 1, 0) for r in rows])
         logits = model(tokens.to(device), positions.to(device), cache, logits_index=ends_here.to(device)).cpu()
         for i, r in enumerate(rows):
             if start < len(r.prompt) <= start + width:

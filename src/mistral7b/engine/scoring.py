@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral7b.cache import RollingKVCache
+from mistral7b.engine.batching import padded_chunk
 from mistral7b.model.transformer import Transformer
 
 
@@ -35,12 +36,7 @@ def score_tokens(model: Transformer, sequences: Sequence[Sequence[int]], chunk_s
     greedy = [[False] * (len(s) - 1) for s in sequences]
     for start in range(0, longest, chunk_size):
         width = min(chunk_size, longest - start)
-        tokens = torch.zeros(B, width, dtype=torch.long)
-        positions = torch.full((B, width), -1, dtype=torch.long)
-        for i, s in enumerate(sequences):
-            piece = s[start : start + width]
-            tokens[i, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-            positions[i, : len(piece)] = torch.arange(start, start + len(piece))
+        tokens, positions = padded_chunk(sequences, start, width)
         logp = model(tokens.to(device), positions.to(device), cache).log_softmax(-1)
         best = logp.argmax(-1).cpu()
         for i, s in enumerate(sequences):

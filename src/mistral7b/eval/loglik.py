@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistral7b.engine.batching import padded_chunk
 from mistral7b.cache import RollingKVCache
 from mistral7b.errors import RequestError
 from mistral7b.model.transformer import Transformer
@@ -70,13 +71,7 @@ def _feed(
     sums, greedy = [0.0] * B, [True] * B
     for lo in range(0, longest, chunk_size):
         width = min(chunk_size, longest - lo)
-        tokens = torch.zeros(B, width, dtype=torch.long)
-        positions = torch.full((B, width), -1, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            piece = x[lo : lo + width]
-            if piece:
-                tokens[i, : len(piece)] = torch.tensor(piece)
-                positions[i, : len(piece)] = torch.arange(starts[i] + lo, starts[i] + lo + len(piece))
+        tokens, positions = padded_chunk(inputs, lo, width, offsets=starts)
         if targets is None:  # pre-fill only: the cache is what we want, one logit row is the cheapest output
             model(tokens.to(device), positions.to(device), cache, logits_index=torch.zeros(B, dtype=torch.long))
             continue

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mistral7b.engine.batching import padded_chunk
 from mistral7b.cache import RollingKVCache
 from mistral7b.model.transformer import Transformer
 
@@ -41,12 +42,7 @@ def score_continuations(model: Transformer, prefixes: Sequence[Sequence[int]],
     last = torch.zeros(B, model.args.vocab_size)  # log p(next token | whole prefix), per prefix
     for start in range(0, longest, chunk_size):
         width = min(chunk_size, longest - start)
-        tokens = torch.zeros(B, width, dtype=torch.long)
-        positions = torch.full((B, width), -1, dtype=torch.long)
-        for i, p in enumerate(prefixes):
-            piece = p[start : start + width]
-            tokens[i, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-            positions[i, : len(piece)] = torch.arange(start, start + len(piece))
+        tokens, positions = padded_chunk(prefixes, start, width)
         ends = torch.tensor([len(p) - 1 - start for p in prefixes])
         inside = (ends >= 0) & (ends < width)
         logits = model(tokens.to(device), positions.to(device), cache, logits_index=ends.clamp(0, width - 1).to(device))
