@@ -74,18 +74,13 @@ class RollingKVCache:
         # Of a chunk longer than W only the last W positions of each row stay in the ring.
         keep = valid if self.window is None else valid & (positions > (last - self.window).unsqueeze(1))
         batch_idx, token_idx = keep.nonzero(as_tuple=True)
-        slots = slot[batch_idx, token_idx]
-        write = CacheWrite(batch=batch_idx, token=token_idx, slot=slots, rows=batch_idx * positions.shape[1] + token_idx,
-                           slots=batch_idx * self.capacity + slots)
+        write = CacheWrite(rows=batch_idx * positions.shape[1] + token_idx,
+                           slots=batch_idx * self.capacity + slot[batch_idx, token_idx])
 
         wraps = self.window is not None and int(last.max()) >= self.window
         concat_new = positions.shape[1] > 1 and wraps
-        if concat_new:
-            k_pos = torch.cat([self.slot_pos, positions], dim=1)
-            self.slot_pos[write.batch, write.slot] = positions[write.batch, write.token]
-        else:
-            self.slot_pos[write.batch, write.slot] = positions[write.batch, write.token]
-            k_pos = self.slot_pos
+        k_pos = torch.cat([self.slot_pos, positions], dim=1) if concat_new else self.slot_pos
+        self.slot_pos.view(-1).index_copy_(0, write.slots, positions.reshape(-1).index_select(0, write.rows))
         mask = window_mask(positions, k_pos, self.window)
         return AttentionMetadata(positions=positions, mask=mask, write=write, concat_new=concat_new)
 

@@ -35,15 +35,10 @@ def window_mask(
 
 @dataclass
 class CacheWrite:
-    """Where a step's new keys/values go: token (batch[n], token[n]) is stored in cache slot slot[n].
-
-    `rows` and `slots` are the same as flat indices (batch * T + token, batch * capacity + slot), so a layer
-    writes with one index_select and one index_copy_.
+    """Where a step's new keys/values go, as flat indices: new token rows[n] (= batch * T + token) is stored in
+    cache slot slots[n] (= batch * capacity + slot), so a layer writes with one index_select and one index_copy_.
     """
 
-    batch: torch.Tensor
-    token: torch.Tensor
-    slot: torch.Tensor
     rows: torch.Tensor
     slots: torch.Tensor
 
