@@ -73,3 +73,51 @@ def smollm2_path() -> str | None:
         return None
     path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if os.path.isfile(path) else None
+
+
+def engine_generate(model, prompts, params, tokenizer=None, **config):
+    """Run prompts through the serving engine (LLMEngine) built on `model`; return per prompt the list of
+    (token ids, logprobs) of each completion, and the engine."""
+    from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=config.pop("max_model_len", 4096), **config))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(i, list(p), sp)
+    out = {i: [([], []) for _ in range(sp.n)] for i, sp in enumerate(params)}
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.token_id is not None:
+                out[e.request_id][e.index][0].append(e.token_id)
+                out[e.request_id][e.index][1].append(e.logprob)
+    return out, engine
+
+
+def random_model(args: ModelArgs, seed: int = 0):
+    """Our Transformer with random float32 weights of the same spread as `hf_model` (sharp attention)."""
+    from mistral7b.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """The core path at its simplest: one sequence, no cache, no batching; every step recomputes the whole
+    sequence in one causal pass (the pass tests/model checks against transformers)."""
+    ids = list(prompt)
+    tokens, logprobs = [], []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
+        lp = logits.log_softmax(-1)
+        t = int(lp.argmax())
+        tokens.append(t)
+        logprobs.append(float(lp[t]))
+        ids.append(t)
+    return tokens, logprobs

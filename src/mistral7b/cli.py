@@ -66,14 +66,14 @@ def _sampling(a: argparse.Namespace, logprobs: bool = False):
     )
 
 
-def _llm(a: argparse.Namespace):
+def _llm(a: argparse.Namespace, **extra: Any):
     from mistral7b.engine.llm import LLM
 
     if a.chunk_size is not None and a.chunk_size < 1:
         raise RequestError(f"--chunk-size must be a positive integer, got {a.chunk_size}")
     return LLM(a.model, dtype=a.dtype, device=a.device, chunk_size=a.chunk_size, sliding_window=a.sliding_window,
                progress=not a.quiet, lora=getattr(a, "lora", None),
-               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads)
+               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads, **extra)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mistral7b.cache import RollingKVCache
-from tests.conftest import hf_model, load_ours, rel_err, tiny_args
+from tests.conftest import engine_generate, hf_model, load_ours, rel_err, tiny_args
 
 W = 6
 
@@ -79,7 +79,6 @@ def test_no_window_cache_grows(tmp_path):
 
 def test_mixed_length_batch_equals_each_alone(pair):
     """Prompts of different lengths generated together give each one's lone result (ids and logprobs)."""
-    from mistral7b.engine.generate import generate_stream
     from mistral7b.engine.sampling_params import SamplingParams
 
     args, _, ours = pair
@@ -88,12 +87,8 @@ def test_mixed_length_batch_equals_each_alone(pair):
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (9, 4, 12, 7)]
 
     def collect(ps, sps):
-        out = {i: ([], []) for i in range(len(ps))}
-        for e in generate_stream(ours, None, ps, sps, chunk_size=4):
-            if e.token_id is not None:
-                out[e.request_id][0].append(e.token_id)
-                out[e.request_id][1].append(e.logprob)
-        return out
+        out, _ = engine_generate(ours, ps, sps, chunk_size=4, block_size=4)
+        return {i: completions[0] for i, completions in out.items()}
 
     together = collect(prompts, params)
     for i, (p, sp) in enumerate(zip(prompts, params)):

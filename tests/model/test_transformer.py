@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mistral7b.model.attention import window_mask
-from tests.conftest import hf_model, load_ours, rel_err, tiny_args
+from tests.conftest import engine_generate, hf_model, load_ours, rel_err, tiny_args
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,6 @@ def test_logits_match_hf(hf_checkpoint, window, n_heads, n_kv_heads, tied):
 
 @pytest.mark.parametrize("window", [5, None])
 def test_greedy_continuation_matches_hf_generate(hf_checkpoint, window):
-    from mistral7b.engine.generate import generate_stream
     from mistral7b.engine.sampling_params import SamplingParams
 
     args = tiny_args(window=window)
@@ -45,10 +44,9 @@ def test_greedy_continuation_matches_hf_generate(hf_checkpoint, window):
     with torch.no_grad():
         ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
                           pad_token_id=0, eos_token_id=None)[0, 13:].tolist()
-    events = generate_stream(ours, None, [prompt[0].tolist()], [SamplingParams(max_tokens=24, temperature=0)],
-                             chunk_size=4)
-    got = [e.token_id for e in events if e.token_id is not None]
-    assert got == ref
+    out, _ = engine_generate(ours, [prompt[0].tolist()], [SamplingParams(max_tokens=24, temperature=0)],
+                             chunk_size=4, block_size=4)
+    assert out[0][0][0] == ref
 
 
 def test_window_mask_rule():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mistral7b.config import ModelArgs
-from mistral7b.model.attention import AttentionMetadata, CacheWrite, window_mask
+from mistral7b.model.attention import AttentionMetadata, CacheWrite, dense_attention, window_mask
 
 
 class RollingKVCache:
@@ -99,3 +99,9 @@ class RollingKVCache:
         if meta.concat_new:
             return keys, values
         return cache_k, cache_v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Store this layer's new k/v and attend q [B, T, H, D] over what the step may see."""
+        keys, values = self.update(layer, k, v, meta)
+        return dense_attention(q, keys, values, meta.mask)

@@ -17,18 +17,19 @@ class IncrementalDetokenizer:
         self.emitted = 0
         self.stopped = False
 
-    def add(self, token_ids: Sequence[int]) -> str:
-        """Update with all generated ids so far; return the newly safe text. Sets `stopped` on a stop string."""
+    def add(self, token_ids: Sequence[int], check_stop: bool = True) -> str:
+        """Update with all generated ids so far; return the newly safe text. Sets `stopped` on a stop string.
+        With check_stop False (before min_tokens), stop strings are neither looked for nor held back."""
         text = self._decode(token_ids)
         if text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")
-        for s in self._stop:
+        for s in self._stop if check_stop else ():
             at = text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
                 text = text[:at]
                 self.stopped = True
         self.text = text
-        end = len(text) if self.stopped else len(text) - self._held_back(text)
+        end = len(text) if self.stopped or not check_stop else len(text) - self._held_back(text)
         end = max(end, self.emitted)
         delta = text[self.emitted : end]
         self.emitted = end

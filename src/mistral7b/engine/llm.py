@@ -6,7 +6,9 @@ and runs them through the generation loop in batches.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Union
@@ -14,7 +16,7 @@ from typing import Any, Union
 import torch
 
 from mistral7b.default_model import default_model_path
-from mistral7b.engine.generate import generate_stream
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scoring import TokenScores, score_tokens
@@ -73,11 +75,13 @@ class LLM:
         lora: str | None = None,
         quantize: str | None = "auto",
         threads: int | None = None,
+        engine_options: dict[str, Any] | None = None,
     ):
         """`quantize`: "auto" keeps a GGUF file's own quantization (Q4_0/Q4_1 packed as int4, other quantized
         types as int8) and loads other formats in float; "int8"/"int4" quantize any checkpoint's weights;
         None loads every weight in `dtype` (the exact reference path). `threads`: CPU threads (default: torch's,
-        one per physical core)."""
+        one per physical core). `engine_options`: more EngineConfig fields (block_size, kv_cache_memory,
+        num_blocks, max_num_batched_tokens, enable_prefix_caching)."""
         if quantize not in QUANTIZE_MODES:
             raise RequestError(f"quantize must be one of none, auto, int8, int4; got {quantize!r}")
         if threads is not None:
@@ -107,6 +111,11 @@ class LLM:
         self.chunk_size = chunk_size or (min(window, DEFAULT_CHUNK_SIZE) if window else DEFAULT_CHUNK_SIZE)
         self.max_model_len = max_model_len or self.args.max_seq_len or 32768
         self.max_batch_size = max_batch_size
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
+            max_model_len=self.max_model_len, chunk_size=self.chunk_size, max_num_seqs=max_batch_size,
+            **(engine_options or {})))
+        self._pending: dict[Any, collections.deque[StreamEvent]] = {}
+        self._request_ids = itertools.count()
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -148,8 +157,43 @@ class LLM:
 
     # ---- generation --------------------------------------------------------------------------------
     def stream_ids(self, batch: Sequence[list[int]], params: Sequence[SamplingParams]) -> Iterator[StreamEvent]:
+        """Run prompts (token ids) together through the engine; events carry the prompt's index in `batch` as
+        request_id. Closing the iterator early aborts whatever is still running."""
         fitted = [self._fit(ids, p) for ids, p in zip(batch, params)]
-        return generate_stream(self.model, self.tokenizer, batch, fitted, self.chunk_size)
+        for ids, p in zip(batch, fitted):
+            self.engine.check_prompt(ids, p)
+        rids = []
+        try:
+            for i, (ids, p) in enumerate(zip(batch, fitted)):
+                rid = (next(self._request_ids), i)
+                self.engine.add_request(rid, ids, p)
+                rids.append(rid)
+                self._pending[rid] = collections.deque()
+            left = {rid: p.n for rid, p in zip(rids, fitted)}  # completions not finished yet
+            while left:
+                for rid in list(left):
+                    queue = self._pending[rid]
+                    while queue:
+                        ev = queue.popleft()
+                        if ev.finish_reason is not None:
+                            left[rid] -= 1
+                            if not left[rid]:
+                                del left[rid]
+                        ev.request_id = rid[1]
+                        yield ev
+                if left:
+                    self._pump()
+        finally:
+            for rid in rids:
+                self.engine.abort_request(rid)
+                self._pending.pop(rid, None)
+
+    def _pump(self) -> None:
+        """One engine step; its events go to the queues of the streams that wait for them."""
+        for ev in self.engine.step():
+            queue = self._pending.get(ev.request_id)
+            if queue is not None:
+                queue.append(ev)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Stream one request: one event per token as it is made, then a final event with finish_reason."""
@@ -199,20 +243,26 @@ class LLM:
             params = [params or SamplingParams()] * len(ids)
         if len(params) != len(ids):
             raise RequestError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
-        results = [
-            RequestOutput(i, texts[i], ids[i], [CompletionOutput(0, logprobs=[] if params[i].logprobs else None)])
-            for i in range(len(ids))
-        ]
-        for lo in range(0, len(ids), self.max_batch_size):
-            hi = min(lo + self.max_batch_size, len(ids))
-            for ev in self.stream_ids(ids[lo:hi], params[lo:hi]):
-                out = results[lo + ev.request_id].outputs[0]
-                out.text += ev.text
-                if ev.token_id is not None:
-                    out.token_ids.append(ev.token_id)
-                    if out.logprobs is not None:
-                        out.logprobs.append(ev.logprob)
-                if ev.finish_reason is not None:
-                    out.finish_reason = ev.finish_reason
-                    results[lo + ev.request_id].finished = True
+        results = []
+        for i, p in enumerate(params):
+            outputs = [CompletionOutput(k, logprobs=[] if p.logprobs else None,
+                                        top_logprobs=[] if p.top_logprobs else None) for k in range(p.n)]
+            results.append(RequestOutput(i, texts[i], ids[i], outputs))
+        for ev in self.stream_ids(ids, params):
+            result = results[ev.request_id]
+            out = result.outputs[ev.index]
+            out.text += ev.text
+            if ev.token_id is not None:
+                out.token_ids.append(ev.token_id)
+                if out.logprobs is not None:
+                    out.logprobs.append(ev.logprob)
+                if out.top_logprobs is not None:
+                    out.top_logprobs.append(ev.top_logprobs)
+            if ev.prompt_logprobs is not None:
+                result.prompt_logprobs = ev.prompt_logprobs
+            if ev.token_id is not None and len(out.token_ids) == 1 and ev.index == 0:
+                result.num_cached_tokens = ev.num_cached_tokens
+            if ev.finish_reason is not None:
+                out.finish_reason = ev.finish_reason
+                result.finished = all(o.finish_reason is not None for o in result.outputs)
         return results

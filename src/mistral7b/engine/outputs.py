@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+PromptLogprobs = list[tuple[float, TopLogprobs] | None]  # per prompt token; None for the first
 
 
 @dataclass
@@ -11,24 +16,35 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
 
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: Any
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first completion)
 
 
 @dataclass
 class StreamEvent:
-    """One step of one request while streaming: the new token and the text it made safe to show."""
+    """One step of one completion while streaming: the new token and the text it made safe to show.
 
-    request_id: int
+    A completion's last event has `finish_reason` set and no token (its text is whatever was held back for a
+    possible stop string). Its first token's event carries the prompt log-probabilities when asked for.
+    """
+
+    request_id: Any
     token_id: int | None
     text: str
     logprob: float | None
     finish_reason: str | None
+    index: int = 0
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0

@@ -1,4 +1,4 @@
-"""Turn one row of logits into the next token: penalties, temperature, top-k, top-p, min-p, then a draw.
+"""Turn one row of logits into the next token: bias, bans, penalties, temperature, top-k, top-p, min-p, a draw.
 
 Log-probabilities reported to the user are those of the model's raw distribution (before penalties and
 truncation), as vLLM reports them, so they are comparable across sampling settings.
@@ -6,9 +6,19 @@ truncation), as vLLM reports them, so they are comparable across sampling settin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 from mistral7b.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float | None = None  # raw log-probability of `token`, when the request asks for logprobs
+    top: list[tuple[int, float]] | None = None  # the top_logprobs most likely (token, log-probability)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
@@ -19,6 +29,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, pe
     logits = logits.clone()
     logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def apply_presence_frequency(logits: torch.Tensor, output: Sequence[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over generated tokens: logit -= presence * [count > 0] + frequency * count."""
+    if (presence == 0.0 and frequency == 0.0) or not output:
+        return logits
+    counts = torch.bincount(torch.as_tensor(output, dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -40,17 +59,47 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, log-probability) pairs of a log-softmaxed row."""
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return list(zip(ids.tolist(), values.tolist()))
+
+
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None
-) -> tuple[int, float | None]:
-    """Pick the next token from logits [vocab] (float32); return it with its raw log-probability when the
-    request asks for log-probabilities (None otherwise: a log-softmax over the vocabulary per token is not free).
-    `seen` (prompt + output ids) is needed only with a repetition penalty."""
-    processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits: torch.Tensor,
+    params: SamplingParams,
+    *,
+    context: Sequence[int] = (),
+    output: Sequence[int] = (),
+    banned: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Sample:
+    """Pick the next token from logits [vocab] (float32).
+
+    `context` (prompt + output ids) feeds the repetition penalty, `output` the presence/frequency penalties;
+    `banned` ids can never be drawn (EOS before min_tokens). The raw log-probability (and the top ones) are
+    computed only when asked for: a log-softmax over the vocabulary per token is not free.
+    """
+    processed = logits
+    if params.logit_bias:
+        ids = torch.tensor([t for t in params.logit_bias if t < logits.shape[-1]], dtype=torch.long)
+        bias = torch.tensor([params.logit_bias[t] for t in ids.tolist()], dtype=logits.dtype)
+        processed = processed.index_add(0, ids.to(logits.device), bias.to(logits.device))
+    if banned:
+        processed = processed.index_fill(0, torch.as_tensor(list(banned), device=logits.device), float("-inf"))
+    if params.repetition_penalty != 1.0 and context:
+        processed = apply_repetition_penalty(processed, torch.as_tensor(context, device=logits.device),
+                                             params.repetition_penalty)
+    processed = apply_presence_frequency(processed, output, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         token = int(processed.argmax())
     else:
         probs = filter_logits(processed, params).softmax(-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
-    logprob = float(logits.log_softmax(-1)[token]) if params.logprobs else None
-    return token, logprob
+    sample = Sample(token)
+    if params.logprobs or params.top_logprobs:
+        logprobs = logits.log_softmax(-1)
+        sample.logprob = float(logprobs[token])
+        if params.top_logprobs:
+            sample.top = top_logprobs(logprobs, params.top_logprobs)
+    return sample

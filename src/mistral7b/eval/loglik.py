@@ -73,7 +73,7 @@ def _feed(
         width = min(chunk_size, longest - lo)
         tokens, positions = padded_chunk(inputs, lo, width, offsets=starts)
         if targets is None:  # pre-fill only: the cache is what we want, one logit row is the cheapest output
-            model(tokens.to(device), positions.to(device), cache, logits_index=torch.zeros(B, dtype=torch.long))
+            model(tokens.to(device), positions.to(device), cache, logits_index=torch.zeros(1, dtype=torch.long, device=device))
             continue
         logp = model(tokens.to(device), positions.to(device), cache).log_softmax(-1)
         for i, y in enumerate(targets):

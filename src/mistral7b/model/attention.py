@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def window_mask(
@@ -67,3 +68,11 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """A full pass over the given tokens: causal within the window (and segment), nothing cached."""
         return cls(positions=positions, mask=window_mask(positions, positions, window, segment_ids))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [B, T, H, D] over k, v [B, K, H_kv, D] (GQA: H a multiple of H_kv) under a boolean
+    mask [B, 1, T, K]; returns [B, T, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)

@@ -7,25 +7,25 @@ No biases anywhere. A cache is optional: without one, `forward` is one causal pa
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.config import ModelArgs
-from mistral7b.model.attention import AttentionMetadata
+from mistral7b.model.attention import AttentionMetadata, dense_attention
 from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
 
 class KVCache(Protocol):
-    """What attention needs from a cache; the rolling buffer (and later the paged cache) implement it."""
+    """What attention needs from a cache: store a step's keys/values and attend over what the step may see.
 
-    def prepare(self, positions: torch.Tensor) -> AttentionMetadata: ...
+    The rolling buffer (cache/rolling.py) plans its own steps from positions (`prepare`); the paged cache
+    (cache/paged.py) is planned by the engine, which passes the metadata to `Transformer.forward`.
+    """
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None  # wq, wk, wv fused for inference (model/fuse.py)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
@@ -61,16 +61,8 @@ class Attention(nn.Module):
             q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs)
             k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs)
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, meta)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=meta.mask,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        out = dense_attention(q, k, v, meta.mask) if cache is None else cache.attend(layer, q, k, v, meta)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -99,7 +91,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, meta: AttentionMetadata, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs, meta, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -139,17 +131,20 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         logits_index: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        meta: Any = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] in float32 for tokens [B, T] at absolute positions [B, T] (-1 = padding).
 
-        With a cache, the tokens continue what the cache holds. `logits_index` [B] picks one token per row
-        (e.g. each prompt's last) and returns [B, vocab], skipping the output matmul for the rest.
-        `segment_ids` [B, T] (no cache) packs several examples in a row: positions restart at 0 for each
-        segment and no token attends across segments (training on packed sequences).
+        With a cache, the tokens continue what the cache holds; `meta` is the step's attention metadata when
+        the caller planned it (the paged cache), else the cache plans it from the positions. `logits_index`
+        [M] picks M tokens by flat index into B * T (e.g. each prompt's last: row * T + column) and returns
+        [M, vocab], skipping the output matmul for the rest. `segment_ids` [B, T] (no cache) packs several
+        examples in a row: positions restart at 0 for each segment and no token attends across segments
+        (training on packed sequences).
         """
-        if cache is not None:
+        if meta is None and cache is not None:
             meta = cache.prepare(positions)
-        else:
+        elif meta is None:
             meta = AttentionMetadata.without_cache(positions, self.args.sliding_window, segment_ids)
         freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
         # The residual stream runs in the norms' dtype (embeddings may be stored narrower when quantized).
@@ -157,5 +152,5 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, cache, i)
         if logits_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_index]
+            h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
         return self.output(self.norm(h)).float()

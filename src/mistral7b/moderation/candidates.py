@@ -45,7 +45,8 @@ def score_continuations(model: Transformer, prefixes: Sequence[Sequence[int]],
         tokens, positions = padded_chunk(prefixes, start, width)
         ends = torch.tensor([len(p) - 1 - start for p in prefixes])
         inside = (ends >= 0) & (ends < width)
-        logits = model(tokens.to(device), positions.to(device), cache, logits_index=ends.clamp(0, width - 1).to(device))
+        flat = torch.arange(B) * width + ends.clamp(0, width - 1)  # each row's last prefix token in this chunk
+        logits = model(tokens.to(device), positions.to(device), cache, logits_index=flat.to(device))
         last[inside] = logits[inside.to(device)].log_softmax(-1).cpu()
 
     logp = None

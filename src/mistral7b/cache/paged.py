@@ -1,0 +1,146 @@
+"""The paged KV cache: per layer, a pool of blocks [num_blocks, block_size, n_kv_heads, head_dim] for keys and
+for values, shared by every sequence through its block table (cache/block_manager.py decides who holds what).
+
+One engine step computes a flat list of tokens from many sequences ([1, N]: decodes first, then pre-fill
+chunks). Each layer writes the step's keys/values to their slots (`slot_mapping`, slot = block * B + offset),
+then attends group by group: all decode rows in one call, each pre-fill chunk in its own. A group gathers the
+live blocks of its rows (at most about W / B + 2 with a window) and masks them by absolute position with the
+one window rule (model/attention.py), so a sequence attends to exactly what it would attend to alone.
+
+Worked example, B = 4, W = 6, one sequence at its decode step for position 9 (tokens 0..8 computed):
+    first needed position 9 - 6 + 1 = 4 -> first live logical block 1 (block 0 was released);
+    gathered logical blocks 1, 2 = positions 4..11; valid keys are < 10 (positions 10, 11 are not
+    written yet) and >= 4 by the window rule: keys 4..9, i.e. W = 6 keys, itself included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mistral7b.config import ModelArgs
+from mistral7b.model.attention import window_mask
+
+
+@dataclass
+class AttentionGroup:
+    """One attention call: `rows` sequences with `queries` new tokens each, flat tokens start .. end."""
+
+    start: int
+    end: int
+    rows: int
+    queries: int
+    block_ids: torch.Tensor  # [rows * blocks] physical blocks gathered per row, padded with the null block
+    mask: torch.Tensor  # [rows, 1, queries, blocks * block_size]
+
+
+@dataclass
+class PagedMetadata:
+    """What every layer of one paged step needs; built once per step by `PagedKVCache.plan`."""
+
+    positions: torch.Tensor  # [1, N]
+    slot_mapping: torch.Tensor  # [N] flat slot of each new token
+    groups: list[AttentionGroup]
+
+
+@dataclass
+class Span:
+    """What the cache needs to know of one scheduled sequence: it computes positions start .. start + n - 1."""
+
+    start: int
+    n: int
+    block_table: list[int]
+    first_live_block: int
+
+
+class PagedKVCache:
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        """`num_blocks` physical blocks including the null block 0. Memory is reserved, not touched: a block is
+        zeroed when it is handed out, so resident memory follows what is used."""
+        self.window, self.block_size = args.sliding_window, block_size
+        self.n_kv_heads, self.head_dim = args.n_kv_heads, args.head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
+        self.zero_blocks([0])
+
+    @staticmethod
+    def block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block over all layers, keys and values."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return 2 * args.n_layers * block_size * args.n_kv_heads * args.head_dim * itemsize
+
+    def zero_blocks(self, blocks: Seq[int]) -> None:
+        if not blocks:
+            return
+        idx = torch.tensor(list(blocks), dtype=torch.long, device=self.device)
+        for t in self.k + self.v:
+            t.index_fill_(0, idx, 0)
+
+    def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
+        """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""
+        bs = self.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        for span in (*decodes, *prefills):
+            for p in range(span.start, span.start + span.n):
+                positions.append(p)
+                slots.append(span.block_table[p // bs] * bs + p % bs)
+        groups = []
+        if decodes:
+            groups.append(self._group(0, decodes))
+        offset = len(decodes)
+        for span in prefills:
+            groups.append(self._group(offset, [span]))
+            offset += span.n
+        to = dict(dtype=torch.long, device=self.device)
+        return PagedMetadata(positions=torch.tensor([positions], **to), slot_mapping=torch.tensor(slots, **to),
+                             groups=groups)
+
+    def _group(self, start: int, spans: Seq[Span]) -> AttentionGroup:
+        bs = self.block_size
+        queries = spans[0].n
+        # A row's first gathered block is the first one its earliest query may attend to.
+        firsts = [max(s.first_live_block, self._first_needed(s.start)) for s in spans]
+        lasts = [(s.start + s.n - 1) // bs for s in spans]
+        width = max(hi - lo + 1 for lo, hi in zip(firsts, lasts))
+        ids = []
+        for s, lo, hi in zip(spans, firsts, lasts):
+            ids.extend(s.block_table[lo : hi + 1])
+            ids.extend([0] * (width - (hi - lo + 1)))
+        k_pos = torch.tensor(firsts)[:, None] * bs + torch.arange(width * bs)[None]
+        ends = torch.tensor([s.start + s.n for s in spans])[:, None]
+        k_pos = k_pos.masked_fill(k_pos >= ends, -1)  # padding, and slots not written yet
+        q_pos = torch.tensor([s.start for s in spans])[:, None] + torch.arange(queries)[None]
+        mask = window_mask(q_pos, k_pos, self.window)
+        return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
+                              block_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+                              mask=mask.to(self.device))
+
+    def _first_needed(self, position: int) -> int:
+        if self.window is None:
+            return 0
+        return max(0, position - self.window + 1) // self.block_size
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: PagedMetadata) -> torch.Tensor:
+        """Write this step's k/v [1, N, H_kv, D] to their slots; attend each group; return [1, N, H, D]."""
+        cache_k, cache_v = self.k[layer], self.v[layer]
+        flat = (-1, self.n_kv_heads, self.head_dim)
+        cache_k.view(flat).index_copy_(0, meta.slot_mapping, k[0].to(self.dtype))
+        cache_v.view(flat).index_copy_(0, meta.slot_mapping, v[0].to(self.dtype))
+        n_heads = q.shape[2]
+        outs = []
+        for g in meta.groups:
+            qg = q[0, g.start : g.end].reshape(g.rows, g.queries, n_heads, self.head_dim).transpose(1, 2)
+            kg = cache_k.index_select(0, g.block_ids).view(g.rows, -1, self.n_kv_heads, self.head_dim)
+            vg = cache_v.index_select(0, g.block_ids).view(g.rows, -1, self.n_kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=g.mask,
+                                                 enable_gqa=n_heads != self.n_kv_heads)
+            outs.append(out.transpose(1, 2).reshape(g.end - g.start, n_heads, self.head_dim))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).unsqueeze(0)

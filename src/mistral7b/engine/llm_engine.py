@@ -1,0 +1,229 @@
+"""LLMEngine: the one generation engine behind `LLM` (offline) and the server (online).
+
+Requests come in with `add_request` and leave when done or on `abort_request`; each `step` schedules a batch
+(continuous batching over the paged KV cache), runs the model once, samples one token for every sequence whose
+computed span reached its last token, and returns the stream events of that step. The engine is synchronous
+and single-threaded: the server drives it from one background thread (server/async_engine.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
+from mistral7b.cache.paged import PagedKVCache
+from mistral7b.engine.detokenizer import IncrementalDetokenizer
+from mistral7b.engine.model_runner import ModelRunner, StepInput
+from mistral7b.engine.outputs import StreamEvent
+from mistral7b.engine.sampler import sample_token, top_logprobs
+from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
+from mistral7b.engine.sequence import Sequence
+from mistral7b.errors import RequestError
+from mistral7b.model.transformer import Transformer
+from mistral7b.tokenizer import Tokenizer
+
+DEFAULT_CPU_KV_MEMORY = 1 << 30
+CUDA_KV_FRACTION = 0.5  # of the GPU memory free after the weights are loaded
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int
+    chunk_size: int = 512  # the most tokens of one sequence computed in one step (pre-fill chunk)
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None  # per-step token budget; default max(chunk_size, max_num_seqs)
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for keys and values; default 1 GiB on CPU, half the free GPU
+    num_blocks: int | None = None  # overrides kv_cache_memory
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_num_batched_tokens", "kv_cache_memory", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RequestError(f"{name} must be a positive integer, got {value!r}")
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig):
+        config.validate()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.args = model.args
+        device = model.norm.weight.device
+        bs, window = config.block_size, self.args.sliding_window
+        per_seq = max_blocks_per_seq(config.max_model_len, config.chunk_size, bs, window)
+        block_bytes = PagedKVCache.block_bytes(self.args, bs, model.dtype)
+        num_blocks = config.num_blocks or min(per_seq * config.max_num_seqs,
+                                              max(1, self._kv_memory(device) // block_bytes))
+        self.cache = PagedKVCache(self.args, num_blocks + 1, bs, model.dtype, device)
+        self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
+        budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[Hashable, list[Sequence]] = {}
+        self._next_seq_id = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _kv_memory(self, device: torch.device) -> int:
+        if self.config.kv_cache_memory is not None:
+            return self.config.kv_cache_memory
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * CUDA_KV_FRACTION)
+        return DEFAULT_CPU_KV_MEMORY
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """RequestError unless this prompt with this many new tokens can run here."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.args.vocab_size
+        for t in prompt_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise RequestError(f"token id {t!r} is not in [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.config.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total} in all)"
+            )
+        need = max_blocks_per_seq(total, self.config.chunk_size, self.config.block_size, self.args.sliding_window)
+        if need > self.blocks.num_blocks:
+            raise RequestError(
+                f"the request needs {need} KV cache blocks but the cache holds {self.blocks.num_blocks}: "
+                f"shorten the prompt or max_tokens, or give the KV cache more memory"
+            )
+
+    def add_request(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+                    arrival: float | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        self.check_prompt(prompt_ids, params)
+        eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator().manual_seed((params.seed + index) % 2**63)
+            seq = Sequence(
+                seq_id=self._next_seq_id, request_id=request_id, index=index, token_ids=list(prompt_ids),
+                num_prompt=len(prompt_ids), params=params, eos_ids=eos,
+                detok=IncrementalDetokenizer(self.tokenizer.decode, params.stop) if self.tokenizer else None,
+                generator=generator, arrival=arrival if arrival is not None else time.monotonic(),
+                prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+            )
+            if seqs and self.blocks.enable_prefix_caching:
+                seq.waits_for = seqs[0]
+            self._next_seq_id += 1
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.prompt_tokens_total += len(prompt_ids)
+
+    def abort_request(self, request_id: Hashable) -> bool:
+        """Stop a request at any stage and free its blocks; False if it is not here (already done)."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[StreamEvent]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        inputs = []
+        for seq, n in batch:
+            start = seq.num_computed
+            want = []
+            if seq.wants_prompt_logprobs:  # rows at positions that predict a prompt token
+                want = list(range(max(0, min(n, seq.num_prompt - 1 - start))))
+            if start + n == seq.num_tokens:
+                want.append(n - 1)
+            inputs.append(StepInput(seq, n, want))
+        rows = self.runner.run(inputs, self.blocks.take_new_blocks())
+        events: list[StreamEvent] = []
+        for inp, logits in zip(inputs, rows):
+            seq = inp.seq
+            start = seq.num_computed
+            seq.num_computed += inp.n
+            self.blocks.commit(seq)
+            if seq.wants_prompt_logprobs:
+                self._record_prompt_logprobs(seq, start, logits)
+            if seq.num_computed == seq.num_tokens:
+                events.extend(self._sample(seq, logits[-1]))
+        return events
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        count = max(0, min(len(logits), seq.num_prompt - 1 - start))
+        if count == 0:
+            return
+        logprobs = logits[:count].log_softmax(-1)
+        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
+        picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs or 0
+        for i in range(count):
+            top = top_logprobs(logprobs[i], k) if k else []
+            seq.prompt_logprobs[start + 1 + i] = (picked[i], top)  # type: ignore[index]
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[StreamEvent]:
+        p = seq.params
+        banned: list[int] = []
+        if seq.num_output < p.min_tokens:
+            banned = [t for t in (*seq.eos_ids, *p.stop_token_ids) if t < logits.shape[-1]]
+        sample = sample_token(
+            logits, p,
+            context=seq.token_ids if p.repetition_penalty != 1.0 else (),
+            output=seq.output_ids if p.presence_penalty or p.frequency_penalty else (),
+            banned=banned, generator=seq.generator,
+        )
+        token = sample.token
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        event = StreamEvent(seq.request_id, token, "", sample.logprob, None, seq.index, sample.top,
+                            num_cached_tokens=seq.num_cached_tokens)
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        may_stop = seq.num_output >= p.min_tokens
+        if may_stop and (token in seq.eos_ids or token in p.stop_token_ids):
+            seq.finish_reason = "stop"
+        elif seq.detok is not None:
+            event.text = seq.detok.add(seq.output_ids, check_stop=may_stop)
+            if seq.detok.stopped:
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and (seq.num_output >= p.max_tokens
+                                          or seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return [event]
+        flushed = seq.detok.flush() if seq.detok is not None and not seq.detok.stopped else ""
+        self.scheduler.remove(seq)
+        siblings = self.requests.get(seq.request_id, [])
+        if all(s.finished for s in siblings):
+            self.requests.pop(seq.request_id, None)
+        return [event, StreamEvent(seq.request_id, None, flushed, None, seq.finish_reason, seq.index)]

@@ -1,0 +1,57 @@
+"""The model runner: one scheduled step in, the logits rows the engine asked for out.
+
+It lays the step's tokens out flat ([1, N]: decodes first, then each pre-fill chunk), has the paged cache plan
+the attention metadata, zeroes newly handed-out blocks, runs the model once, and returns float32 logits on
+the CPU for the requested tokens only (the output matmul is skipped for the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b.engine.sequence import Sequence
+from mistral7b.model.transformer import Transformer
+
+
+@dataclass
+class StepInput:
+    seq: Sequence
+    n: int  # tokens to compute: seq.token_ids[num_computed : num_computed + n]
+    want: list[int]  # offsets within the span whose logits are needed
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+        self.device = cache.device
+
+    @torch.inference_mode()
+    def run(self, steps: Seq[StepInput], new_blocks: Seq[int]) -> list[torch.Tensor]:
+        """Compute the step; return, per input, its wanted logits rows [len(want), vocab] (float32, CPU)."""
+        order = sorted(range(len(steps)), key=lambda i: steps[i].n > 1)  # decodes first, stable
+        decodes = [i for i in order if steps[i].n == 1]
+        prefills = [i for i in order if steps[i].n > 1]
+
+        def span(i: int) -> Span:
+            s = steps[i]
+            return Span(s.seq.num_computed, s.n, s.seq.block_table, s.seq.first_live_block)
+
+        meta = self.cache.plan([span(i) for i in decodes], [span(i) for i in prefills])
+        tokens, index, offsets = [], [], {}
+        for i in order:
+            s = steps[i]
+            offsets[i] = len(index)
+            index.extend(len(tokens) + w for w in s.want)
+            tokens.extend(s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n])
+        self.cache.zero_blocks(new_blocks)
+        if not index:
+            self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
+                       logits_index=torch.zeros(1, dtype=torch.long, device=self.device), meta=meta)
+            return [torch.empty(0) for _ in steps]
+        logits = self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
+                            logits_index=torch.tensor(index, device=self.device), meta=meta).cpu()
+        return [logits[offsets[i] : offsets[i] + len(steps[i].want)] for i in range(len(steps))]

@@ -1,0 +1,231 @@
+"""AsyncEngine: the synchronous LLMEngine driven by one background thread, streamed to asyncio requests.
+
+The engine is not thread-safe, so only its thread touches it: requests and aborts are sent to it as commands,
+and each step's events come back to the event loop in one `call_soon_threadsafe`, where they are routed to the
+per-request queues. The thread sleeps while there is no work. A request whose consumer goes away (client
+disconnect, cancellation) is aborted, which frees its blocks at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mistral7b.engine.llm_engine import LLMEngine
+from mistral7b.engine.outputs import StreamEvent
+from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.server.errors import APIError
+from mistral7b.server.metrics import Metrics
+
+log = logging.getLogger("mistral7b.server")
+
+
+T = TypeVar("T")
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    arrival: float
+    num_prompt: int
+    first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: Metrics | None = None):
+        self.engine, self.max_waiting, self.metrics = engine, max_waiting, metrics
+        self._commands: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="mistral7b-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort whatever is left and end the engine thread."""
+        for rid in list(self._streams):
+            self._send(("abort", rid))
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Admit one request (all of its n completions) or raise the API error that refuses it (400 bad input,
+        429 queue full, 503 engine down); iterate the result for its events."""
+        if not self.alive:
+            raise APIError(503, "the engine is not running", "unavailable_error", code="engine_dead")
+        self.engine.check_prompt(prompt_ids, params)
+        if len(self._streams) - self.engine.num_running >= self.max_waiting:
+            raise APIError(429, f"the server is busy: {self.max_waiting} requests are already waiting; retry later",
+                           "rate_limit_error", code="queue_full")
+        rid = uuid.uuid4().hex
+        stream = _Stream(asyncio.Queue(), time.monotonic(), len(prompt_ids))
+        self._streams[rid] = stream
+        self._send(("add", rid, prompt_ids, params, stream.arrival))
+        if self.metrics is not None:
+            self.metrics.request_added(len(prompt_ids))
+        return RequestStream(self, rid, stream, params.n)
+
+    def _close(self, rid: str, finished: bool) -> None:
+        self._streams.pop(rid, None)
+        if not finished:
+            self._send(("abort", rid))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run fn() on the engine thread between two steps (the model is never used by two threads at once):
+        what moderation scoring uses."""
+        if not self.alive:
+            raise APIError(503, "the engine is not running", "unavailable_error", code="engine_dead")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._send(("call", fn, future))
+        return await future
+
+    def _send(self, command: tuple) -> None:
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+
+    # ---- event loop side -----------------------------------------------------------------------------
+    def _deliver(self, events: list[StreamEvent]) -> None:
+        now = time.monotonic()
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            if event.token_id is not None and self.metrics is not None:
+                if stream.first_token is None:
+                    stream.first_token = now
+                    self.metrics.first_token(now - stream.arrival)
+                previous = stream.last_token.get(event.index)
+                if previous is not None:
+                    self.metrics.inter_token(now - previous)
+                stream.last_token[event.index] = now
+                self.metrics.generated(1)
+            stream.queue.put_nowait(event)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+
+    # ---- engine thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._loop is not None
+        try:
+            while True:
+                with self._wake:
+                    while not self._commands and not self._stopping and not self.engine.has_unfinished():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command in commands:
+                    self._apply(command)
+                if self.engine.has_unfinished():
+                    events = self.engine.step()
+                    if events:
+                        self._loop.call_soon_threadsafe(self._deliver, events)
+        except BaseException as e:  # noqa: BLE001 - the thread must report, not vanish
+            log.exception("the engine failed")
+            self.error = e
+            dead = APIError(503, "the engine failed; the server must be restarted", "unavailable_error",
+                            code="engine_dead")
+            self._loop.call_soon_threadsafe(self._fail_all, dead)
+        finally:
+            for rid in list(self.engine.requests):
+                self.engine.abort_request(rid)
+
+    def _apply(self, command: tuple) -> None:
+        assert self._loop is not None
+        if command[0] == "abort":
+            self.engine.abort_request(command[1])
+            return
+        if command[0] == "call":
+            _, fn, future = command
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                self._loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                self._loop.call_soon_threadsafe(_settle, future, result, None)
+            return
+        _, rid, prompt_ids, params, arrival = command
+        try:
+            self.engine.add_request(rid, prompt_ids, params, arrival)
+        except Exception as e:  # noqa: BLE001 - e.g. a RequestError: it belongs to that request only
+            self._loop.call_soon_threadsafe(self._fail, rid, e)
+
+
+class RequestStream:
+    """The events of one admitted request. `close()` (or garbage collection, if a response never started)
+    aborts it unless it finished; the routes close their streams in `finally`."""
+
+    def __init__(self, owner: AsyncEngine, rid: str, stream: _Stream, n: int):
+        self._owner, self._rid, self._stream, self._left = owner, rid, stream, n
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if not self._left:
+            self.close()
+            raise StopAsyncIteration
+        event = await self._stream.queue.get()
+        if isinstance(event, BaseException):
+            self.close()
+            raise event
+        if event.finish_reason is not None:
+            self._left -= 1
+            metrics = self._owner.metrics
+            if metrics is not None and not self._left:
+                metrics.request_finished(time.monotonic() - self._stream.arrival, event.finish_reason)
+        return event
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._close(self._rid, finished=not self._left)
+
+    def __del__(self) -> None:
+        self.close()

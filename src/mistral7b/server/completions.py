@@ -1,0 +1,166 @@
+"""POST /v1/completions: text or token-id prompts (one or a batch), n completions each, streaming or not,
+`echo` with `logprobs` (the prompt's own log-probabilities: what lm-evaluation-harness's local-completions
+backend scores with; `max_tokens: 0` then returns the prompt alone).
+
+Choice i * n + k is completion k of prompt i, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from mistral7b.engine.outputs import StreamEvent
+from mistral7b.errors import RequestError
+from mistral7b.server.async_engine import RequestStream
+from mistral7b.server.protocol import CompletionRequest
+from mistral7b.server.state import ServerState, usage
+from mistral7b.server.streaming import SSE_DONE, cancel_on_disconnect, merged, sse, sse_error
+
+
+@dataclass
+class _Choice:
+    """One completion as it streams in, with its logprobs in OpenAI's completions shape."""
+
+    prompt_ids: list[int]
+    keep_output: bool  # False for max_tokens 0: the one token generated is dropped
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _echo_logprobs(state: ServerState, choice: _Choice, event: StreamEvent) -> None:
+    ids = choice.prompt_ids
+    texts = state.token_texts(ids)
+    choice.tokens.extend(texts)
+    for i, entry in enumerate(event.prompt_logprobs or [None] * len(ids)):
+        if entry is None:
+            choice.token_logprobs.append(None)
+            choice.top_logprobs.append(None)
+        else:
+            lp, top = entry
+            choice.token_logprobs.append(lp)
+            choice.top_logprobs.append(dict(state.top_texts(ids[:i], top)) | {texts[i]: lp})
+
+
+async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Any:
+    state.check_model(body.model)
+    body.check_stream_options()
+    if body.suffix:
+        raise RequestError("suffix is not supported")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of must equal n: this server does not rank candidates")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise RequestError("max_tokens must be at least 1 (0 is allowed only with echo)")
+    if body.logprobs is not None and body.logprobs > state.max_logprobs:
+        raise RequestError(f"logprobs must be at most {state.max_logprobs}")
+    prompt = body.prompt
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError("prompt is empty")
+    texts = [p if isinstance(p, str) else None for p in prompt]
+    prompts = [await state.encode_prompt(p) for p in prompt]
+    logprobs = body.logprobs is not None
+    params = body.sampling_params(max(max_tokens, 1), logprobs=logprobs, top_logprobs=body.logprobs or 0,
+                                  prompt_logprobs=body.logprobs if body.echo and logprobs else None)
+    for ids in prompts:  # refuse the whole batch before any of it starts
+        state.engine.engine.check_prompt(ids, params)
+    streams = [state.engine.submit(ids, params) for ids in prompts]
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = [_Choice(ids, keep_output=max_tokens > 0) for ids in prompts for _ in range(body.n)]
+    for i, text in enumerate(texts):
+        if body.echo:
+            for k in range(body.n):
+                choices[i * body.n + k].text = text if text is not None else state.llm.tokenizer.decode(prompts[i])
+
+    def apply(i: int, event: StreamEvent) -> tuple[int, str]:
+        """Fold an event into its choice; return the choice index and the text it adds."""
+        index = i * body.n + event.index
+        choice = choices[index]
+        if event.prompt_logprobs is not None:
+            _echo_logprobs(state, choice, event)
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
+        if not choice.keep_output:
+            return index, ""
+        if event.token_id is not None:
+            context = choice.token_ids  # the completion's text is decoded from its own tokens: so are theirs
+            if logprobs:
+                choice.tokens.append(state.token_text(context, event.token_id))
+                choice.token_logprobs.append(event.logprob)
+                choice.top_logprobs.append(dict(state.top_texts(context, event.top_logprobs)))
+            choice.token_ids.append(event.token_id)
+        choice.text += event.text
+        return index, event.text
+
+    def logprobs_of(choice: _Choice, start: int = 0) -> dict[str, Any] | None:
+        if not logprobs:
+            return None
+        offsets, at = [], 0
+        for t in choice.tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": choice.tokens[start:], "token_logprobs": choice.token_logprobs[start:],
+                "top_logprobs": choice.top_logprobs[start:], "text_offset": offsets[start:]}
+
+    def completion_tokens() -> int:
+        return sum(len(c.token_ids) for c in choices)
+
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": state.served_name}
+
+    async def collect() -> dict[str, Any]:
+        async for i, event in merged(streams):
+            apply(i, event)
+        return {**head, "choices": [
+            {"index": j, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
+            for j, c in enumerate(choices)], "usage": usage(prompt_tokens, completion_tokens())}
+
+    async def stream() -> Any:
+        sent_tokens = [0] * len(choices)
+        try:
+            if body.echo:
+                for j, c in enumerate(choices):  # the prompt first, as its own chunk per choice
+                    if not logprobs:
+                        yield sse({**head, "choices": [{"index": j, "text": c.text, "logprobs": None,
+                                                        "finish_reason": None}], "usage": None})
+            async for i, event in merged(streams):
+                j, text = apply(i, event)
+                c = choices[j]
+                if not text and event.finish_reason is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
+                    continue
+                chunk_logprobs = logprobs_of(c, sent_tokens[j])
+                sent_tokens[j] = len(c.tokens)
+                if body.echo and logprobs and event.prompt_logprobs is not None:
+                    text = c.text
+                yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
+                                                "finish_reason": event.finish_reason}], "usage": None})
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens())})
+        except Exception as e:  # noqa: BLE001 - after the 200 header, errors travel as an SSE event
+            yield sse_error(e)
+        finally:
+            _close(streams)
+        yield SSE_DONE
+
+    if body.stream:
+        return StreamingResponse(stream(), media_type="text/event-stream")
+    try:
+        return JSONResponse(await cancel_on_disconnect(request, collect()))
+    finally:
+        _close(streams)
+
+
+def _close(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.close()

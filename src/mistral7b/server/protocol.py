@@ -1,0 +1,137 @@
+"""Request bodies of the OpenAI API (and vLLM's extensions), validated strictly: a wrong type, a value out of
+range or a non-finite float is a 400 naming the field, before any work is done. Every list and string has a
+bound. Unknown fields are ignored, as vLLM and OpenAI's own clients expect (they send extras).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.errors import RequestError
+
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_TOKENS_IN_PROMPT = 1 << 20
+MAX_TEXT = 4 << 20  # characters of one prompt or message
+MAX_MESSAGES = 1024
+MAX_N = 16
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_IN_PROMPT)]
+StopStrings = Union[Annotated[str, Field(max_length=256)], Annotated[list[Annotated[str, Field(max_length=256)]],
+                                                                      Field(max_length=16)]]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Fields both endpoints share: OpenAI's, then vLLM's extensions."""
+
+    model: Annotated[str, Field(max_length=512)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: StopStrings | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
+    user: Annotated[str, Field(max_length=512)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Field(ge=0, le=1 << 20)] = 0
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream: true")
+
+    def sampling_params(self, max_tokens: int, **extra: Any) -> SamplingParams:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise RequestError(f"logit_bias: keys must be token ids, got {key!r}")
+            bias[int(key)] = value
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            min_tokens=min(self.min_tokens, max_tokens), n=self.n, logit_bias=bias, **extra,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[Text, TokenIds, Annotated[list[Text], Field(max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]]
+    max_tokens: Annotated[int, Field(ge=0, le=1 << 20)] | None = 16
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[Text, Annotated[list[TextPart], Field(max_length=256)], None] = None
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+    def plain(self) -> dict[str, str]:
+        if self.role == "tool":
+            raise RequestError("messages: tool messages are not supported (this server does not call tools)")
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=128)] | None = None
+    safe_prompt: bool = False
+
+
+class TokenizeRequest(Strict):
+    model: Annotated[str, Field(max_length=512)] | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    safe_prompt: bool = False
+
+
+class DetokenizeRequest(Strict):
+    model: Annotated[str, Field(max_length=512)] | None = None
+    tokens: TokenIds

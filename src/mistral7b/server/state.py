@@ -1,0 +1,87 @@
+"""What every route shares: the loaded model (`LLM`: tokenizer, prompt checks), the async engine, metrics,
+the served model name, and the per-server settings. Also the token texts that logprobs report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.concurrency import run_in_threadpool
+
+from mistral7b.errors import RequestError
+from mistral7b.server.async_engine import AsyncEngine
+from mistral7b.server.errors import APIError
+from mistral7b.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from mistral7b.engine.llm import LLM
+    from mistral7b.moderation.chat import ChatGuard
+
+CONTEXT_TOKENS = 4  # tokens decoded before a token to find its own text (leading spaces, merged bytes)
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    engine: AsyncEngine
+    metrics: Metrics
+    served_name: str
+    api_key: str | None = None
+    guard: ChatGuard | None = None
+    max_logprobs: int = 20
+    safe_prompt: bool = False  # the guardrail prompt on every chat, whatever the request says
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_name:
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.served_name}`",
+                           "invalid_request_error", param="model", code="model_not_found")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    def _check_text(self, text: str) -> None:
+        # A token is rarely longer than a few dozen characters: refuse hopeless texts before tokenizing them.
+        if len(text) > 64 * self.max_model_len:
+            raise RequestError(f"the prompt has {len(text)} characters, far beyond the context of "
+                               f"{self.max_model_len} tokens")
+
+    async def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self._check_text(prompt)
+            return await run_in_threadpool(self.llm.encode_prompt, prompt)
+        return self.llm.encode_prompt(prompt)
+
+    async def encode_chat(self, messages: list[dict[str, str]], safe_prompt: bool) -> list[int]:
+        self._check_text("".join(m["content"] for m in messages))
+        return await run_in_threadpool(self.llm.encode_chat, messages, safe_prompt or self.safe_prompt)
+
+    # ---- token texts for logprobs --------------------------------------------------------------------
+    def token_text(self, context: Sequence[int], token: int) -> str:
+        """The text `token` adds after `context` (the last few tokens are enough)."""
+        tok = self.llm.tokenizer
+        if tok is None:
+            return f"<{token}>"
+        ctx = list(context[-CONTEXT_TOKENS:])
+        before = tok.decode(ctx) if ctx else ""
+        after = tok.decode(ctx + [token])
+        if after.startswith(before):
+            return after[len(before) :]
+        return tok.decode([token])
+
+    def token_texts(self, ids: Sequence[int], start: int = 0) -> list[str]:
+        """Texts of ids[start:], each in the context of the ids before it."""
+        return [self.token_text(ids[:i], ids[i]) for i in range(start, len(ids))]
+
+    def top_texts(self, context: Sequence[int], top: list[tuple[int, float]] | None) -> list[tuple[str, float]]:
+        return [(self.token_text(context, t), lp) for t, lp in (top or [])]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out

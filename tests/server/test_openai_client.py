@@ -1,0 +1,117 @@
+"""The served API through the official `openai` client: chat and completions, streaming and not, against the
+offline engine on the same checkpoint."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from mistral7b import SamplingParams
+from mistral7b.guardrails import SAFE_PROMPT
+from tests.server.conftest import API_KEY, MODEL, W
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_streamed_equals_whole_and_offline(server, offline):
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    ids = offline.encode_chat(MESSAGES)
+    ref = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=20, temperature=0))[0].outputs[0]
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == len(ref.token_ids)
+    assert whole.usage.total_tokens == len(ids) + len(ref.token_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_logprobs_and_n(server, offline):
+    client = server.client()
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=3, n=2)
+    assert len(out.choices) == 2 and out.choices[0].message.content == out.choices[1].message.content
+    ref = offline.generate({"prompt_token_ids": offline.encode_chat(MESSAGES)},
+                           SamplingParams(max_tokens=6, temperature=0, logprobs=True))[0].outputs[0]
+    content = out.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(ref.logprobs, abs=1e-4)
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-5)
+        assert bytes(e.bytes).decode() == e.token
+
+
+def test_completions_text_ids_batch_and_stream(server, offline):
+    client = server.client()
+    prompts = ["Once upon a time", "The window is " + "very " * (3 * W)]  # the second is over 3W tokens
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=12, temperature=0)
+    refs = offline.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    assert [c.index for c in out.choices] == [0, 1]
+    assert [c.text for c in out.choices] == [r.outputs[0].text for r in refs]
+    assert out.usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in refs)
+    by_ids = client.completions.create(model=MODEL, prompt=refs[1].prompt_token_ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == refs[1].outputs[0].text
+    streamed = client.completions.create(model=MODEL, prompt=prompts[1], max_tokens=12, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == refs[1].outputs[0].text
+    assert chunks[-1].usage.completion_tokens == len(refs[1].outputs[0].token_ids)
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, offline):
+    """lm-evaluation-harness's local-completions request: echo, logprobs=1, max_tokens=0 or 1."""
+    client = server.client()
+    ids = offline.encode_prompt("The quick brown fox jumps over the lazy dog " * 4)
+    ref = offline.score([ids])[0].logprobs
+    for max_tokens in (0, 1):
+        out = client.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, temperature=0, echo=True,
+                                        logprobs=1)
+        lp = out.choices[0].logprobs
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + max_tokens
+        assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref, abs=1e-4)
+        for got, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+            assert max(top.values()) >= got - 1e-6
+        assert out.usage.completion_tokens == max_tokens
+        assert out.choices[0].text.startswith(offline.tokenizer.decode(ids))
+
+
+def test_sampling_with_seed_is_reproducible(server):
+    client = server.client()
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=16, temperature=1.0, seed=1234, n=3)
+    first = [c.text for c in client.completions.create(**kw).choices]
+    assert first == [c.text for c in client.completions.create(**kw).choices]
+    assert len(set(first)) > 1
+
+
+def test_safe_prompt_field_puts_the_guardrail_first(server, offline):
+    plain = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"messages": MESSAGES}).json()["tokens"]
+    safe = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"messages": MESSAGES, "safe_prompt": True}).json()["tokens"]
+    assert plain == offline.encode_chat(MESSAGES)
+    assert safe == offline.encode_chat([{"role": "system", "content": SAFE_PROMPT}, *MESSAGES])
+    out = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                                  extra_body={"safe_prompt": True})
+    assert out.usage.prompt_tokens == len(safe)
+
+
+def test_tokenize_detokenize_and_tokenizer_info(server, offline):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    tok = httpx.post(server.url + "/tokenize", headers=headers,
+                     json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert tok["tokens"] == offline.tokenizer.encode("Hello world", add_bos=False) and tok["count"] == 2
+    text = httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": tok["tokens"]}).json()
+    assert text == {"prompt": "Hello world"}

@@ -1,0 +1,106 @@
+"""Continuous batching as clients see it: many concurrent streams, disconnects, metrics, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+
+from mistral7b import SamplingParams
+from tests.server.conftest import API_KEY, MODEL, W, start_server
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def wait_idle(server, timeout: float = 20.0) -> dict[str, float]:
+    """Poll /metrics until no request runs or waits and no KV block is in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        idle = (m["mistral7b:num_requests_running"] == 0 and m["mistral7b:num_requests_waiting"] == 0
+                and m["mistral7b:kv_cache_usage_perc"] == 0)
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def test_32_concurrent_streams_each_equal_its_offline_greedy_output(server, offline):
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    # Lengths from a few tokens to well past 3W, a shared prefix for some (prefix cache), all at once.
+    prompts = [" ".join(words[: 1 + i % 8]) * (1 + (i * 7) % (3 * W // 2)) for i in range(32)]
+    max_tokens = [4 + (i * 5) % 23 for i in range(32)]
+    refs = offline.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
+
+    async def one(client, prompt, m):
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=m, temperature=0,
+                                                 stream=True)
+        parts = [chunk.choices[0].text async for chunk in stream if chunk.choices]
+        return "".join(parts)
+
+    async def main():
+        client = server.async_client()
+        return await asyncio.gather(*(one(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    texts = asyncio.run(main())
+    assert texts == [r.outputs[0].text for r in refs]
+    assert wait_idle(server)["mistral7b:kv_cache_usage_perc"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_request(server):
+    body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.v1 + "/completions", json=body, headers=AUTH) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    m = wait_idle(server)
+    assert m["mistral7b:num_requests_running"] == 0 and m["mistral7b:num_requests_waiting"] == 0
+    assert m["mistral7b:kv_cache_usage_perc"] == 0
+
+
+def test_disconnect_of_a_waiting_non_streaming_request_frees_it(server):
+    body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.v1 + "/completions", json=body, headers=AUTH, timeout=0.2)
+    m = wait_idle(server)
+    assert m["mistral7b:kv_cache_usage_perc"] == 0 and m["mistral7b:num_requests_running"] == 0
+
+
+def test_metrics_count_requests_and_tokens(tiny_model, tmp_path):
+    s = start_server(tiny_model, str(tmp_path), "--max-model-len", "512")
+    try:
+        R, T = 5, 7
+        client = s.client(api_key="unused")
+        name = client.models.list().data[0].id
+        for i in range(R):
+            client.completions.create(model=name, prompt=f"Count {i}", max_tokens=T, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        m = s.metrics()
+        assert m["mistral7b:generation_tokens_total"] == R * T
+        assert m["mistral7b:time_to_first_token_seconds_count"] == R
+        assert m["mistral7b:inter_token_latency_seconds_count"] == R * (T - 1)
+        assert m["mistral7b:e2e_request_latency_seconds_count"] == R
+        assert m["mistral7b:prompt_tokens_total"] > 0
+        text = httpx.get(s.url + "/metrics").text
+        assert 'mistral7b:request_success_total{finished_reason="length"} 5.0' in text
+    finally:
+        s.stop()
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(tiny_model, tmp_path):
+    s = start_server(tiny_model, str(tmp_path), "--max-model-len", "512", "--shutdown-timeout", "20",
+                     "--log-level", "info")
+    body = {"prompt": "Hello", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", s.v1 + "/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            s.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"finish_reason": "length"' in rest[-2] or '"finish_reason":"length"' in rest[-2]
+    # uvicorn re-raises the signal once it has shut down cleanly, so the status says "ended by SIGTERM"
+    assert s.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in open(s.log).read() or s.process.returncode == 0
