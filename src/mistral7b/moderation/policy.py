@@ -10,6 +10,7 @@ function behind `POST /v1/moderations`: the request and response dicts follow Op
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +69,9 @@ def _items(value: Any) -> list[Item]:
     return items
 
 
-def moderation_response(moderator: Moderator, request: Any) -> dict[str, Any]:
-    """POST /v1/moderations as a function: OpenAI request dict -> response dict; bad input -> RequestError."""
+def moderation_response(moderator: Moderator, request: Any, model_name: str | None = None) -> dict[str, Any]:
+    """POST /v1/moderations as a function: OpenAI request dict -> response dict; bad input -> RequestError.
+    The response names the request's model, else `model_name`, else the checkpoint's file or folder name."""
     if not isinstance(request, dict):
         raise RequestError("the request body must be a JSON object")
     unknown = [k for k in request if k not in REQUEST_FIELDS]
@@ -85,6 +87,6 @@ def moderation_response(moderator: Moderator, request: Any) -> dict[str, Any]:
     results = moderator.classify(_items(request["input"]))
     return {
         "id": f"modr-{uuid.uuid4().hex}",
-        "model": request.get("model") or moderator.llm.model_path,
+        "model": request.get("model") or model_name or os.path.basename(os.path.normpath(moderator.llm.model_path)),
         "results": [policy.result(m) for m in results],
     }

@@ -8,6 +8,7 @@ are given; request bodies are capped; there are no docs pages that would pull sc
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -147,6 +148,19 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
         if bad is not None:
             raise RequestError(f"token id {bad} is not in [0, {vocab})")
         return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request) -> dict[str, Any]:
+        """OpenAI's moderation endpoint, answered by the model itself (self-reflection, moderation/)."""
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        if isinstance(body, dict):
+            state.check_model(body.get("model") if isinstance(body.get("model"), str) else None)
+        from mistral7b.moderation.policy import moderation_response
+
+        return await state.engine.call(lambda: moderation_response(state.moderator(), body, state.served_name))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

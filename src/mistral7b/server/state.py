@@ -5,7 +5,7 @@ the served model name, and the per-server settings. Also the token texts that lo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +18,7 @@ from mistral7b.server.metrics import Metrics
 if TYPE_CHECKING:
     from mistral7b.engine.llm import LLM
     from mistral7b.moderation.chat import ChatGuard
+    from mistral7b.moderation.classifier import Moderator
 
 CONTEXT_TOKENS = 4  # tokens decoded before a token to find its own text (leading spaces, merged bytes)
 
@@ -32,6 +33,15 @@ class ServerState:
     guard: ChatGuard | None = None
     max_logprobs: int = 20
     safe_prompt: bool = False  # the guardrail prompt on every chat, whatever the request says
+    _moderator: Moderator | None = field(default=None, repr=False)
+
+    def moderator(self) -> Moderator:
+        """The self-reflection classifier (built on first use; the guard's own when --moderate is on)."""
+        if self._moderator is None:
+            from mistral7b.moderation.classifier import Moderator
+
+            self._moderator = self.guard.moderator if self.guard is not None else Moderator(self.llm)
+        return self._moderator
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_name:
