@@ -321,7 +321,6 @@ def make_body(args, model, prompt):
             "stream_options": {"include_usage": True}}
     if args.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
-        body["max_completion_tokens"] = args.output_len
     else:
         body["prompt"] = prompt
     if args.ignore_eos:
@@ -342,6 +341,13 @@ def chunk_text(choice, chat):
     return choice.get("text") or ""
 
 
+async def lines_then_rest(stream):
+    """aiohttp's line iterator, then b"" once at the end so that a last line without a newline is read."""
+    async for raw in stream:
+        yield raw
+    yield b""
+
+
 async def send_request(session, url, headers, body, chat, sent_prompt_tokens, t0, timeout):
     res = RequestResult(prompt_tokens=sent_prompt_tokens)
     st = time.perf_counter()
@@ -355,9 +361,9 @@ async def send_request(session, url, headers, body, chat, sent_prompt_tokens, t0
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:160]}"
                 return res
             buf = b""
-            async for raw in resp.content:
+            async for raw in lines_then_rest(resp.content):
                 buf += raw
-                if not buf.endswith(b"\n"):
+                if raw and not buf.endswith(b"\n"):
                     continue                   # a line split across reads
                 line, buf = buf.strip(), b""
                 if not line or line.startswith(b":"):

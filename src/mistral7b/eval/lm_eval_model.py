@@ -17,6 +17,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+# lm-eval fills its model registry only while it is empty: load its own models before ours is added, or
+# `local-completions` and the rest would be unknown once this module is imported.
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM

@@ -132,10 +132,26 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
             tokenizer = state.llm.tokenizer
             if tokenizer is None:
                 raise RequestError("this model has no tokenizer")
-            ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
+            special = state.special_tokens()
+            if not body.add_special_tokens and body.prompt in special:
+                # A prompt that is exactly a special token's text names that token: how lm-eval's remote
+                # tokenizer finds the BOS and EOS ids. Anywhere else such text stays text.
+                ids = [special[body.prompt]]
+            else:
+                ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens and tokenizer.add_bos)
         else:
             ids = await state.encode_chat([m.plain() for m in body.messages], body.safe_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """What lm-evaluation-harness's remote tokenizer asks for (vLLM's endpoint)."""
+        tokenizer = state.llm.tokenizer
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer")
+        names = {v: k for k, v in state.special_tokens().items()}
+        return {"eos_token": names.get(tokenizer.eos_id), "bos_token": names.get(tokenizer.bos_id),
+                "pad_token": None, "add_bos_token": tokenizer.add_bos, "model_max_length": state.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:

@@ -68,6 +68,13 @@ class ServerState:
         self._check_text("".join(m["content"] for m in messages))
         return await run_in_threadpool(self.llm.encode_chat, messages, safe_prompt or self.safe_prompt)
 
+    def special_tokens(self) -> dict[str, int]:
+        """The BOS and EOS tokens by their vocabulary text."""
+        tok = self.llm.tokenizer
+        if tok is None:
+            return {}
+        return {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id) if i is not None}
+
     # ---- token texts for logprobs --------------------------------------------------------------------
     def token_text(self, context: Sequence[int], token: int) -> str:
         """The text `token` adds after `context` (the last few tokens are enough)."""

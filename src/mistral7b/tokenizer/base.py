@@ -20,6 +20,7 @@ ROLES = ("system", "user", "assistant")
 class Tokenizer(ABC):
     vocab_size: int
     bos_id: int | None
+    eos_id: int | None = None  # the end-of-sequence token the vocabulary names as such
     eos_ids: frozenset[int]  # every id that ends generation: eos and end-of-turn tokens
     add_bos: bool = True  # the file's add_bos_token: chats follow it; `encode` obeys its caller
 

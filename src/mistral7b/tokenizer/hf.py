@@ -54,6 +54,7 @@ class TokenizersTokenizer(Tokenizer):
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
         self.add_bos = add_bos and self.bos_id is not None
         self.eos_token = next(iter(eos_tokens), None)
+        self.eos_id = tok.token_to_id(self.eos_token) if self.eos_token else None
         ends = set(eos_tokens) | (END_OF_TURN_TOKENS & self.specials.keys())
         self.eos_ids = frozenset({i for t in ends if (i := tok.token_to_id(t)) is not None} | set(extra_eos_ids))
 

@@ -30,7 +30,8 @@ class MistralCommonTokenizer(Tokenizer):
         self._raw = self._mt.instruct_tokenizer.tokenizer
         self.vocab_size = int(self._raw.n_words)
         self.bos_id = int(self._raw.bos_id)
-        self.eos_ids = frozenset({int(self._raw.eos_id)})
+        self.eos_id = int(self._raw.eos_id)
+        self.eos_ids = frozenset({self.eos_id})
         self._errors: tuple[type[Exception], ...] = (MistralCommonException, ValueError, AssertionError)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
