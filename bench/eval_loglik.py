@@ -49,12 +49,12 @@ def main() -> None:
 
     times = {"shared": [], "whole": []}
     for _ in range(a.repeats):
+        outs = {}
         for name, fn in (("shared", shared), ("whole", whole)):
             start = time.perf_counter()
-            out = fn()
+            outs[name] = fn()
             times[name].append(time.perf_counter() - start)
-            results = out if name == "shared" else results
-        assert max(abs(x - y) for x, y in zip(results, out)) < 1e-3
+        assert max(abs(x - y) for x, y in zip(outs["shared"], outs["whole"])) < 1e-3
     n_tokens = sum(len(c) + len(k) for c, k in pairs)
     print(f"model {llm.model_path} dtype {llm.dtype} threads {torch.get_num_threads()} quantize {a.quantize}")
     print(f"{a.questions} questions x {a.choices} answers, context {a.context} + answer {a.answer} tokens")

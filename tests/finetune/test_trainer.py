@@ -76,7 +76,7 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tiny_mistral, c
     assert two.returncode == 0, two.stderr[-2000:]
     cfg = TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "one"), lr=1e-2, max_steps=8, seq_len=32,
                       batch_tokens=64, grad_accum=2, warmup=2, save_every=3, progress=False)
-    one = Trainer(cfg).run()
+    Trainer(cfg).run()
     ddp_hist = json.load(open(tmp_path / "ddp" / "history.json"))
     one_hist = json.load(open(tmp_path / "one" / "history.json"))
     assert len(ddp_hist) == len(one_hist) == 8

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mistral7b.loading import open_checkpoint, save_gguf, save_hf, save_native
-from tests.conftest import load_ours, rel_err, tiny_args
+from tests.conftest import rel_err, tiny_args
 
 transformers = pytest.importorskip("transformers")
 

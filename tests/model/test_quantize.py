@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import gguf
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from mistral7b.loading import open_checkpoint, save_gguf
 from mistral7b.loading.gguf_blocks import read_blocks
 from mistral7b.model.build import build_model
 from mistral7b.model.fuse import fuse_projections
-from mistral7b.model.quantize import Int4Linear, Int8Linear
+from mistral7b.model.quantize import INT4_DENSE_MIN_ROWS, INT8_DENSE_MIN_ROWS, Int4Linear, Int8Linear
 from bench.heldout import heldout_text
 from tests.conftest import hf_model, rel_err, smollm2_path, tiny_args
 
@@ -43,6 +42,19 @@ def test_int8_and_int4_from_float_approximate_the_matmul():
     assert rel_err(int8(x), exact) < 0.02
     assert rel_err(int4(x), exact) < 0.15
     assert rel_err(int8(x), F.linear(x, int8.dequantize())) < 1e-5
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_packed_and_dense_paths_agree(cls):
+    """Few rows run the packed kernel, many rows dequantize and run a dense matmul: the same numbers."""
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2))
+    layer = cls.from_float(w, torch.float32) if cls is Int8Linear else cls.from_float(w, 32, torch.float32)
+    threshold = INT8_DENSE_MIN_ROWS if cls is Int8Linear else INT4_DENSE_MIN_ROWS
+    x = torch.randn(threshold + 5, 256, generator=torch.Generator().manual_seed(3))
+    dense = layer(x)  # one call over many rows: the dense path
+    packed = torch.cat([layer(x[i : i + 4]) for i in range(0, len(x), 4)])  # 4 rows at a time: packed
+    assert rel_err(packed, dense) < 1e-5
+    assert rel_err(dense, F.linear(x, layer.dequantize())) < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mistral7b.model.attention import window_mask
-from tests.conftest import engine_generate, hf_model, load_ours, rel_err, tiny_args
+from tests.conftest import engine_generate, load_ours, rel_err, tiny_args
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,6 @@ from mistral7b.finetune import distributed as ddp
 from mistral7b.finetune import lora
 from mistral7b.finetune.checkpointing import atomic_json, latest_checkpoint, load_checkpoint, save_checkpoint
 from mistral7b.finetune.data import IGNORE, collate, pack, read_jsonl
-from mistral7b.finetune.export import save_model
 from mistral7b.finetune.schedule import RowStream, empty_row, lr_at
 from mistral7b.loading import open_checkpoint
 from mistral7b.model.build import build_model
@@ -119,8 +118,10 @@ class Trainer:
         if cfg.activation_checkpointing:
             _checkpoint_blocks(self.model)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # PyTorch's default implementation: one tensor at a time on a CPU, batched (foreach) kernels on a GPU,
+        # where hundreds of small adapter tensors would otherwise cost a kernel launch each.
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.95), foreach=False)
+                                           betas=(0.9, 0.95))
         self.net = ddp.wrap(self.model, self.info, self.device)
         self.micro_rows = cfg.batch_tokens // cfg.seq_len
         self.stream = RowStream(self.examples, cfg.seq_len, cfg.seed, self.micro_rows * cfg.grad_accum * self.info.world,
@@ -241,6 +242,8 @@ class Trainer:
 
     def _export(self) -> None:
         if self.cfg.full:
+            from mistral7b.finetune.export import save_model  # the writers (and gguf) only when writing
+
             save_model(self.model, self.base, self.cfg.out)
         else:
             lora.save_adapter(self.model, self.cfg.out, base_model=os.path.abspath(self.cfg.model))

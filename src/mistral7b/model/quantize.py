@@ -2,8 +2,11 @@
 
 Decoding one token reads every weight once, so on a CPU (and a GPU at batch 1) its speed is set by weight
 bytes: int8 halves bf16 and int4 quarters it. Activations stay in float; only weights are quantized.
-The packed kernels are built for few rows (decode); for many rows (pre-fill) a dense bf16 matmul is far
-faster (AMX/AVX512-BF16), so there each layer dequantizes its weight on the fly and calls F.linear.
+The packed kernels cost about the same per input row whatever the row count; a dense bf16 matmul
+(AMX/AVX512-BF16) costs far less per row but needs the weight dequantized first, which costs as much as a few
+dozen packed rows for int8 and a couple of hundred for int4 (unpacking nibbles). So a batch of decodes
+(a few to a few dozen rows) uses the packed kernel and a pre-fill chunk dequantizes on the fly and calls
+F.linear; the row counts where the two meet were measured on a 2-core AVX-512 machine (bench/README.md).
 The CPU kernels are fast only with bfloat16 activations: quantized models compute in bfloat16 by default.
 
 - `Int8Linear`: symmetric per-output-channel int8, `torch._weight_int8pack_mm`.
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-DENSE_MIN_ROWS = 8  # from this many input rows on, dequantize and use a dense matmul
+INT8_DENSE_MIN_ROWS = 48  # from this many input rows on, dequantize and use a dense matmul
+INT4_DENSE_MIN_ROWS = 192
 
 
 class Int8Linear(nn.Module):
@@ -53,7 +57,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-        if flat.shape[0] >= DENSE_MIN_ROWS:
+        if flat.shape[0] >= INT8_DENSE_MIN_ROWS:
             return F.linear(x, self.weight_int8.to(x.dtype) * scales[:, None])
         out = torch._weight_int8pack_mm(flat, self.weight_int8, scales)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -117,7 +121,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= DENSE_MIN_ROWS:
+        if flat.shape[0] >= INT4_DENSE_MIN_ROWS:
             return F.linear(x, self.dequantize(x.dtype))
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
         if x.device.type == "cpu":
