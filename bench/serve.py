@@ -42,14 +42,25 @@ ignores unknown fields may still stop at an end-of-generation token, so the repo
 output length != --output-len ("len mismatch"). Ways to force the full length:
   --min-tokens          also send "min_tokens": output-len (vLLM; llama-cpp-python honours it, but only
                         for the one token it calls EOS, while it stops on every end-of-generation token);
-  --ban-token-ids 0,2   send "logit_bias": {"0": -100, "2": -100}: the EOG tokens can never win a greedy
-                        step. SmolLM2: 2 = <|im_end|> (the GGUF's eos), 0 = <|endoftext|>, both EOG in
-                        llama.cpp. This is what the llama-cpp-python run in bench/README.md uses;
+  --ban-token-ids 0,2,4 send "logit_bias": {"0": -100, "2": -100, "4": -100}: the end-of-generation
+                        tokens can never win a greedy step. SmolLM2's EOG set in llama.cpp is 0 <|endoftext|>,
+                        2 <|im_end|> (the GGUF's eos) and 4 <reponame> (llama_vocab_is_eog). This is what
+                        the llama-cpp-python run in bench/README.md uses (no measurable cost per token);
   --extra-body JSON     merged into every request body.
 Output token counts come from the final `usage` chunk when the server sends one; otherwise (llama-cpp-
 python 0.3.x ignores stream_options) from the number of text-carrying chunks, which equals the token
 count for servers that stream one token per chunk (llama-cpp-python holds back incomplete UTF-8 bytes
 and then sends 2 tokens in one chunk: rare; the `tokens from` column says which source was used).
+Prompt token counts likewise come from `usage.prompt_tokens`, else from what was sent (for chat without
+usage that is the user text only, not the chat template's extra tokens).
+
+TTFT and ITL count only chunks that carry text (a chat server's first `{"role": "assistant"}` delta is
+not a token); `vllm bench serve` counts any chunk with choices, which differs only for such servers.
+
+On a machine shared with other jobs pass --server-pid (a local server): each level then reports the CPU
+cores the server, this script and everything else used. llama.cpp with 2 threads on 2 cores slows down
+by 100x or more when another process competes for a core (its threads spin at barriers), so a level
+with other > ~0.1 cores should be rerun.
 
 Errors (connection refused, HTTP 4xx/5xx, an SSE `error` object, a timeout) are counted per level and
 the first few messages printed; they do not stop the sweep.
@@ -74,7 +85,7 @@ except ImportError:  # pragma: no cover
     sys.exit("error: bench/serve.py needs aiohttp (pip install aiohttp); /work/main/.venv has it")
 
 # 256 common English words; prompts in `words` mode are drawn from these.
-WORDS = """
+_WORD_TEXT = """
 the of and to in is that for it as was with be by on not he this are or his from at which but have
 an they you were her she there been one all we their has would when if so no will more can out some
 time what up into only other new could its may then first any these two man like our now made most
@@ -90,7 +101,8 @@ young days let room president side social present given several order national p
 second face per among form important often things looked early white case become large big need
 four within felt along children saw best church ever least power development light thing seemed
 family interest want members mind country area others done turned although open god service
-""".split()
+"""
+WORDS = _WORD_TEXT.split()
 
 DEFAULT_HEADERS = {"User-Agent": "mistral7b-bench-serve/1", "Accept": "text/event-stream"}
 
@@ -167,7 +179,7 @@ def summarize(results, duration, output_len, nominal_input_len):
 def url_root(base_url):
     """http://host:port/v1 -> http://host:port"""
     b = base_url.rstrip("/")
-    return b[: -len("/v1")] if b.endswith("/v1") else b
+    return b.removesuffix("/v1")
 
 
 async def get_json(session, url, headers):
@@ -206,8 +218,8 @@ class Tokenizer:
                 ids = await self.tokenize("hello world")
                 if ids and all(isinstance(i, int) for i in ids):
                     return name
-            except Exception:
-                pass
+            except Exception:  # noqa: BLE001, S112 (a flavour that does not answer is skipped)
+                continue
         self.flavour = None
         return None
 
@@ -405,9 +417,9 @@ async def send_request(session, url, headers, body, chat, sent_prompt_tokens, t0
             res.error = "no text in the stream"
             return res
         res.ok = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         res.error = f"timeout after {timeout} s"
-    except Exception as exc:  # connection refused, reset, bad JSON, ...
+    except Exception as exc:  # noqa: BLE001 (connection refused, reset, bad JSON: counted, not fatal)
         res.error = f"{type(exc).__name__}: {str(exc)[:160]}"
     return res
 
@@ -542,7 +554,7 @@ def parse_args(argv=None):
                     help='send "ignore_eos": true (default on)')
     ap.add_argument("--min-tokens", action="store_true", help='also send "min_tokens": output-len')
     ap.add_argument("--ban-token-ids", type=int_list, default=[],
-                    help='logit_bias -100 on these ids (SmolLM2 end-of-generation ids: 0,2)')
+                    help='logit_bias -100 on these ids (SmolLM2 end-of-generation ids: 0,2,4)')
     ap.add_argument("--extra-body", type=json.loads, default=None, help="JSON merged into each request")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
     ap.add_argument("--server-pid", type=int, default=None,
@@ -574,7 +586,7 @@ async def build_prompts(session, args, model, headers, url, count):
             try:
                 data = await post_json(session, url, probe, headers)
                 mode = "ids" if data.get("choices") else None
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 print(f"# token-id prompts refused ({str(exc)[:120]}); using text prompts", flush=True)
             if mode is None:
                 mode = "text" if flavour else "words"
@@ -607,7 +619,7 @@ async def main_async(args):
         if model is None:
             try:
                 model = (await get_json(session, f"{base}/models", headers))["data"][0]["id"]
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 sys.exit(f"error: cannot list models at {base}/models ({exc}); pass --model")
         label = args.label or model
         total = sum(args.num_prompts) + args.warmup
@@ -660,15 +672,15 @@ async def main_async(args):
                 print(f"#   output lengths != {args.output_len}: {lens[:10]} (see --ban-token-ids / --min-tokens)",
                       flush=True)
 
-    if args.json_out:
-        saved = load_records(args.json_out) + records
-        tmp = args.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(saved, f, indent=1)
-        os.replace(tmp, args.json_out)
-    print()
-    print(table(records))
-    return 0 if all(r["summary"]["completed"] for r in records) else 1
+    return records
+
+
+def save_records(path, records):
+    saved = load_records(path) + records
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(saved, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -676,7 +688,12 @@ def main(argv=None):
     if args.table_from:
         print(table(load_records(args.table_from)))
         return 0
-    return asyncio.run(main_async(args))
+    records = asyncio.run(main_async(args))
+    if args.json_out:
+        save_records(args.json_out, records)
+    print()
+    print(table(records))
+    return 0 if all(r["summary"]["completed"] for r in records) else 1
 
 
 if __name__ == "__main__":

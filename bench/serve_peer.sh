@@ -15,7 +15,7 @@
 #        package), THREADS (default 2).
 # Then:  .venv/bin/python bench/serve.py --base-url http://127.0.0.1:8001/v1 --label llama-cpp-python \
 #          --input-len 128 --output-len 128 --concurrency 1,4,16 --num-prompts 16,32,32 \
-#          --ban-token-ids 0,2 --json-out /tmp/llamacpp_serve_results.json
+#          --ban-token-ids 0,2,4 --server-pid PID --json-out /tmp/llamacpp_serve_results.json
 #
 # Flags that matter:
 #   --interrupt_requests false  REQUIRED for any concurrency > 1. The default (true) makes the server end the
@@ -30,8 +30,9 @@
 # (`--parallel N`, `--cont-batching`, on by default), which llama-cpp-python does not build.
 # Prompts: its /v1/completions takes only string prompts (`prompt: str | list[str]`), so bench/serve.py
 # turns its random token ids into text through /extras/detokenize and checks the length through
-# /extras/tokenize. It ignores `ignore_eos` and `stream_options`, so pass --ban-token-ids 0,2 to
-# bench/serve.py (logit_bias -100 on <|endoftext|> and <|im_end|>) to get full-length outputs.
+# /extras/tokenize. It ignores `ignore_eos` and `stream_options` (no usage in the stream), so pass
+# --ban-token-ids 0,2,4 to bench/serve.py (logit_bias -100 on <|endoftext|>, <|im_end|>, <reponame>: the
+# model's end-of-generation set in llama.cpp) to get full-length outputs; `min_tokens` blocks only id 2.
 set -euo pipefail
 PORT="${1:-8001}"
 shift || true
