@@ -53,13 +53,12 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    import uvicorn
-
     from mistral7b.cli import _llm
     from mistral7b.moderation.chat import chat_guard
     from mistral7b.server.app import build_app
     from mistral7b.server.async_engine import AsyncEngine
     from mistral7b.server.metrics import Metrics
+    from mistral7b.server.runner import serve
     from mistral7b.server.state import ServerState
 
     if not 0 <= a.port <= 65535:
@@ -83,8 +82,7 @@ def run(a: argparse.Namespace) -> int:
                         guard=make_guard(llm) if make_guard else None, max_logprobs=a.max_logprobs,
                         safe_prompt=a.safe_prompt)
     app = build_app(state, cors_origins=a.cors_origin, max_body_bytes=int(a.max_body_mb * (1 << 20)))
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
-                timeout_graceful_shutdown=a.shutdown_timeout)
+    serve(app, engine, a.host, a.port, a.log_level, a.shutdown_timeout)
     return 0
 
 

@@ -7,6 +7,7 @@ are given; request bodies are capped; there are no docs pages that would pull sc
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -83,7 +84,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.engine.start()
+        state.engine.attach(asyncio.get_running_loop())
         yield
         state.engine.stop()
 

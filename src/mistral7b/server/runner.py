@@ -1,0 +1,49 @@
+"""The server process's two threads: HTTP (uvicorn's event loop) in a thread of its own, and the engine in
+the main thread, the one that loaded the model (see async_engine.py for why that matters).
+
+SIGINT/SIGTERM ask uvicorn to shut down gracefully: it stops accepting connections, lets running requests
+finish for `shutdown_timeout` seconds, cancels the rest, then the app's shutdown stops the engine loop. A
+second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import uvicorn
+
+from mistral7b.errors import Mistral7BError
+from mistral7b.server.async_engine import AsyncEngine
+
+
+def serve(app: Any, engine: AsyncEngine, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()  # also when uvicorn could not start (port taken): the engine loop must end too
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="mistral7b-http")
+    thread.start()
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        thread.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not server.started:
+        raise Mistral7BError(f"the server could not start on {host}:{port} (see the message above)")
+    if engine.error is not None:
+        raise Mistral7BError(f"the engine failed: {engine.error}")
