@@ -613,7 +613,9 @@ async def main_async(args):
     base = args.base_url.rstrip("/")
     url = f"{base}/chat/completions" if args.endpoint == "chat" else f"{base}/completions"
     limit = max(args.concurrency) + 4
-    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
+    # A new connection per request: llama-server closes idle keep-alive connections, and a request written to
+    # one fails ("Can not write request body"); a loopback handshake costs well under a millisecond.
+    connector = aiohttp.TCPConnector(limit=limit, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         model = args.model
         if model is None:
