@@ -108,8 +108,12 @@ def worker_hf(model: str, ids: list[int], threads: int, dtype: str) -> dict:
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
+LLAMA_PYTHON = sys.executable  # the interpreter with llama_cpp (--llama-python: e.g. the peer server's venv)
+
+
 def run_worker(kind: str, model: str, threads: int, ids_file: str, extra: str = "") -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", model, "--threads", str(threads),
+    python = LLAMA_PYTHON if kind == "llama" else sys.executable
+    cmd = [python, __file__, "--worker", kind, "--model", model, "--threads", str(threads),
            "--ids-file", ids_file, "--extra", extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -187,7 +191,11 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--ids-file")
     p.add_argument("--extra", default="")
+    p.add_argument("--llama-python", default=sys.executable,
+                   help="Python with llama_cpp installed (default: this one), e.g. /tmp/llamacpp-venv/bin/python")
     a = p.parse_args()
+    global LLAMA_PYTHON
+    LLAMA_PYTHON = a.llama_python
     if a.model is None:
         from mistral7b.default_model import default_model_path
 
