@@ -131,18 +131,22 @@ MODERATION_ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_he
                             vocab_size=32000, rope_theta=10000.0, sliding_window=256, max_seq_len=4096)
 
 
-@pytest.fixture(scope="session")
-def tiny_mistral_path(tmp_path_factory) -> str:
+def write_tiny_mistral(folder: str, args: ModelArgs, seed: int) -> str:
+    """A native checkpoint of random weights with Mistral's real v1 tokenizer beside it; returns the folder."""
     import shutil
 
     from mistral7b.loading.writers import save_native
     from tests.loading.conftest import random_state
     from tests.tokenizer.conftest import V1
 
-    folder = str(tmp_path_factory.mktemp("tiny_mistral"))
-    save_native(folder, MODERATION_ARGS, random_state(MODERATION_ARGS, seed=1))
+    save_native(folder, args, random_state(args, seed=seed))
     shutil.copy(V1, os.path.join(folder, "tokenizer.model.v1"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_path(tmp_path_factory) -> str:
+    return write_tiny_mistral(str(tmp_path_factory.mktemp("tiny_mistral")), MODERATION_ARGS, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ oracle every served answer is compared with.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,9 +17,7 @@ import httpx
 import pytest
 
 from mistral7b.config import ModelArgs
-from mistral7b.loading.writers import save_native
-from tests.loading.conftest import random_state
-from tests.tokenizer.conftest import V1
+from tests.conftest import write_tiny_mistral
 
 W = 16
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
@@ -101,10 +98,7 @@ def start_server(model: str, tmp: str, *extra: str, timeout: float = 120) -> Ser
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("served_mistral"))
-    save_native(folder, ARGS, random_state(ARGS, seed=7))
-    shutil.copy(V1, os.path.join(folder, "tokenizer.model.v1"))
-    return folder
+    return write_tiny_mistral(str(tmp_path_factory.mktemp("served_mistral")), ARGS, seed=7)
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from mistral7b.engine.outputs import StreamEvent
 from mistral7b.errors import RequestError
 from mistral7b.server.protocol import ChatCompletionRequest
 from mistral7b.server.state import ServerState, usage
-from mistral7b.server.streaming import SSE_DONE, cancel_on_disconnect, sse, sse_error
+from mistral7b.server.streaming import respond, sse
 
 
 def _entry(text: str, logprob: float) -> dict[str, Any]:
@@ -101,36 +101,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         return sse({**head, "object": "chat.completion.chunk", "choices": [
             {"index": k, "delta": delta, "logprobs": logprobs, "finish_reason": reason}], "usage": None})
 
-    async def events() -> Any:
-        try:
+    async def chunks() -> AsyncIterator[str]:
+        for k in range(n):
+            yield chunk(k, {"role": "assistant", "content": ""})
+        if stream is not None and not hold:
+            async for event in stream:
+                entry = apply(event)
+                if event.text or entry is not None:
+                    yield chunk(event.index, {"content": event.text},
+                                {"content": [entry]} if entry is not None else None)
+                if event.finish_reason is not None:
+                    yield chunk(event.index, {}, None, event.finish_reason)
+        else:  # refused, or held back until the answers are checked: each answer in one piece
+            await collect()
             for k in range(n):
-                yield chunk(k, {"role": "assistant", "content": ""})
-            if stream is not None and not hold:
-                async for event in stream:
-                    entry = apply(event)
-                    if event.text or entry is not None:
-                        yield chunk(event.index, {"content": event.text},
-                                    {"content": [entry]} if entry is not None else None)
-                    if event.finish_reason is not None:
-                        yield chunk(event.index, {}, None, event.finish_reason)
-            else:  # refused, or held back until the answers are checked: each answer in one piece
-                await collect()
-                for k in range(n):
-                    yield chunk(k, {"content": texts[k]}, {"content": entries[k]} if body.logprobs else None)
-                    yield chunk(k, {}, None, reasons[k])
-            if body.include_usage:
-                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": the_usage()})
-        except Exception as e:  # noqa: BLE001 - after the 200 header, errors travel as an SSE event
-            yield sse_error(e)
-        finally:
-            if stream is not None:
-                stream.close()
-        yield SSE_DONE
+                yield chunk(k, {"content": texts[k]}, {"content": entries[k]} if body.logprobs else None)
+                yield chunk(k, {}, None, reasons[k])
+        if body.include_usage:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": the_usage()})
 
-    if body.stream:
-        return StreamingResponse(events(), media_type="text/event-stream")
-    try:
-        return JSONResponse(await cancel_on_disconnect(request, collect()))
-    finally:
-        if stream is not None:
-            stream.close()
+    return await respond(request, body.stream, chunks, collect, [stream] if stream is not None else [])

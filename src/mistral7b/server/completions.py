@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from mistral7b.engine.outputs import StreamEvent
 from mistral7b.errors import RequestError
-from mistral7b.server.async_engine import RequestStream
 from mistral7b.server.protocol import CompletionRequest
 from mistral7b.server.state import ServerState, usage
-from mistral7b.server.streaming import SSE_DONE, cancel_on_disconnect, merged, sse, sse_error
+from mistral7b.server.streaming import merged, respond, sse
 
 
 @dataclass
@@ -126,41 +125,24 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
             {"index": j, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
             for j, c in enumerate(choices)], "usage": usage(prompt_tokens, completion_tokens())}
 
-    async def stream() -> Any:
+    async def chunks() -> AsyncIterator[str]:
         sent_tokens = [0] * len(choices)
-        try:
-            if body.echo:
-                for j, c in enumerate(choices):  # the prompt first, as its own chunk per choice
-                    if not logprobs:
-                        yield sse({**head, "choices": [{"index": j, "text": c.text, "logprobs": None,
-                                                        "finish_reason": None}], "usage": None})
-            async for i, event in merged(streams):
-                j, text = apply(i, event)
-                c = choices[j]
-                if not text and event.finish_reason is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
-                    continue
-                chunk_logprobs = logprobs_of(c, sent_tokens[j])
-                sent_tokens[j] = len(c.tokens)
-                if body.echo and logprobs and event.prompt_logprobs is not None:
-                    text = c.text
-                yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
-                                                "finish_reason": event.finish_reason}], "usage": None})
-            if body.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens())})
-        except Exception as e:  # noqa: BLE001 - after the 200 header, errors travel as an SSE event
-            yield sse_error(e)
-        finally:
-            _close(streams)
-        yield SSE_DONE
+        if body.echo and not logprobs:
+            for j, c in enumerate(choices):  # the prompt first, as its own chunk per choice
+                yield sse({**head, "choices": [{"index": j, "text": c.text, "logprobs": None, "finish_reason": None}],
+                           "usage": None})
+        async for i, event in merged(streams):
+            j, text = apply(i, event)
+            c = choices[j]
+            if not text and event.finish_reason is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
+                continue
+            chunk_logprobs = logprobs_of(c, sent_tokens[j])
+            sent_tokens[j] = len(c.tokens)
+            if body.echo and logprobs and event.prompt_logprobs is not None:
+                text = c.text
+            yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
+                                            "finish_reason": event.finish_reason}], "usage": None})
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens())})
 
-    if body.stream:
-        return StreamingResponse(stream(), media_type="text/event-stream")
-    try:
-        return JSONResponse(await cancel_on_disconnect(request, collect()))
-    finally:
-        _close(streams)
-
-
-def _close(streams: list[RequestStream]) -> None:
-    for s in streams:
-        s.close()
+    return await respond(request, body.stream, chunks, collect, streams)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mistral7b.server.async_engine import RequestStream
 from mistral7b.server.errors import as_api_error
 
 T = TypeVar("T")
@@ -83,3 +85,31 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         return await task
     finally:
         watcher.cancel()
+
+
+async def respond(request: Request, stream: bool, chunks: Callable[[], AsyncIterator[str]],
+                  collect: Callable[[], Awaitable[dict[str, Any]]], streams: Iterable[RequestStream]) -> Response:
+    """The response of a generation route: SSE `chunks()` (an error event if they fail after the 200 header, then
+    always `[DONE]`), or the JSON of `collect()`, cancelled if the client goes away. Either way the engine
+    streams are closed at the end, which aborts whatever of them has not finished."""
+
+    def close() -> None:
+        for s in streams:
+            s.close()
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks():
+                yield chunk
+        except Exception as e:  # noqa: BLE001 - after the 200 header, errors travel as an SSE event
+            yield sse_error(e)
+        finally:
+            close()
+        yield SSE_DONE
+
+    if stream:
+        return StreamingResponse(events(), media_type="text/event-stream")
+    try:
+        return JSONResponse(await cancel_on_disconnect(request, collect()))
+    finally:
+        close()
