@@ -130,3 +130,18 @@ def test_full_queue_is_a_429_and_the_server_recovers(tmp_path):
         assert r.status_code == 200
     finally:
         s.stop()
+
+
+def test_cors_is_off_unless_an_origin_is_given(server, tiny_model, tmp_path):
+    preflight = {"Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(server.v1 + "/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    s = start_server(tiny_model, str(tmp_path), "--cors-origin", "http://app.test", "--max-model-len", "512")
+    try:
+        r = httpx.options(s.v1 + "/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.test"
+        other = httpx.options(s.v1 + "/chat/completions", headers={**preflight, "Origin": "http://evil.test"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.test"
+    finally:
+        s.stop()
