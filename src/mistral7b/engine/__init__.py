@@ -1,1 +1,2 @@
-"""Generation: sampling parameters, the sampler, the batch generation loop and the `LLM` API."""
+"""Generation: sampling parameters, the sampler, sequences, the scheduler, the model runner, the engine
+(continuous batching over the paged KV cache) and the `LLM` API."""

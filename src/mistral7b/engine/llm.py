@@ -1,7 +1,7 @@
 """`LLM`: the small offline API, in the field's words (vLLM's): LLM(model=...).generate / .chat / .stream.
 
-It owns the loaded model and tokenizer, turns prompts (text, token ids, chats) into ids with their checks,
-and runs them through the generation loop in batches.
+It owns the loaded model, its tokenizer and an `LLMEngine` (the same engine the server drives), turns prompts
+(text, token ids, chats) into ids with their checks, and steps the engine until its requests are done.
 """
 
 from __future__ import annotations
