@@ -35,8 +35,11 @@ class AttentionGroup:
     end: int
     rows: int
     queries: int
-    block_ids: torch.Tensor  # [H_kv * rows * blocks] (head, block) rows of the flat pool to gather, padded
-    # with the null block: one index_select over the leading dimension copies whole blocks (3x faster on a CPU)
+    block_ids: torch.Tensor | None  # [H_kv * rows * blocks] (head, block) rows of the flat pool to gather,
+    # padded with the null block: one index_select over the leading dimension copies whole blocks (3x faster
+    # on a CPU than gathering along the block dimension)
+    block_range: tuple[int, int] | None  # instead of block_ids: one row whose blocks lie in order, lo .. hi - 1,
+    # copied as one slice (a lone sequence gets its blocks in order from the pool)
     mask: torch.Tensor  # [rows, 1, queries, blocks * block_size]
     bias: torch.Tensor | None = None  # decode rows on a CPU: the mask as 0 / -inf [rows, keys], float32
 
@@ -127,10 +130,14 @@ class PagedKVCache:
         if queries == 1 and self.device.type == "cpu":
             bias = torch.zeros(len(spans), mask.shape[-1], dtype=torch.float32, device=self.device)
             bias.masked_fill_(~mask.view(len(spans), -1), float("-inf"))
-        heads = torch.arange(self.n_kv_heads)[:, None] * self.num_blocks
-        block_ids = (heads + torch.tensor(ids)[None]).flatten().to(self.device)
+        block_ids, block_range = None, None
+        if len(spans) == 1 and ids == list(range(ids[0], ids[0] + len(ids))):
+            block_range = (ids[0], ids[0] + len(ids))
+        else:
+            heads = torch.arange(self.n_kv_heads)[:, None] * self.num_blocks
+            block_ids = (heads + torch.tensor(ids)[None]).flatten().to(self.device)
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
-                              block_ids=block_ids, mask=mask, bias=bias)
+                              block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
 
     def _first_needed(self, position: int) -> int:
         if self.window is None:
@@ -148,8 +155,13 @@ class PagedKVCache:
         pool = (H_kv * self.num_blocks, self.block_size, D)
         outs = []
         for g in meta.groups:
-            keys = cache_k.view(pool).index_select(0, g.block_ids).view(H_kv, g.rows, -1, D)  # [H_kv, rows, keys, D]
-            values = cache_v.view(pool).index_select(0, g.block_ids).view(H_kv, g.rows, -1, D)
+            if g.block_range is not None:  # [H_kv, 1, keys, D]: one plain copy per head (batched matmuls over
+                lo, hi = g.block_range  # a strided view would make that copy anyway, and more slowly)
+                keys = cache_k[:, lo:hi].reshape(H_kv, 1, -1, D).contiguous()
+                values = cache_v[:, lo:hi].reshape(H_kv, 1, -1, D).contiguous()
+            else:  # [H_kv, rows, keys, D]
+                keys = cache_k.view(pool).index_select(0, g.block_ids).view(H_kv, g.rows, -1, D)
+                values = cache_v.view(pool).index_select(0, g.block_ids).view(H_kv, g.rows, -1, D)
             queries = q[0, g.start : g.end]  # [rows * queries, H, D]
             if g.bias is not None:
                 out = _one_query_attention(queries, keys, values, g.bias)
