@@ -113,8 +113,9 @@ class PagedKVCache:
     def _group(self, start: int, spans: Seq[Span]) -> AttentionGroup:
         bs = self.block_size
         queries = spans[0].n
-        # A row's first gathered block is the first one its earliest query may attend to.
-        firsts = [max(s.first_live_block, self._first_needed(s.start)) for s in spans]
+        # A row's first gathered block is the first one its earliest query may attend to: the block manager has
+        # released every block before it (allocate / match_prefix), so that is the row's first live block.
+        firsts = [s.first_live_block for s in spans]
         lasts = [(s.start + s.n - 1) // bs for s in spans]
         width = max(hi - lo + 1 for lo, hi in zip(firsts, lasts))
         ids = []
@@ -138,11 +139,6 @@ class PagedKVCache:
             block_ids = (heads + torch.tensor(ids)[None]).flatten().to(self.device)
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
                               block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
-
-    def _first_needed(self, position: int) -> int:
-        if self.window is None:
-            return 0
-        return max(0, position - self.window + 1) // self.block_size
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PagedMetadata) -> torch.Tensor:

@@ -32,9 +32,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, steps: Seq[StepInput], new_blocks: Seq[int]) -> list[torch.Tensor]:
         """Compute the step; return, per input, its wanted logits rows [len(want), vocab] (float32, CPU)."""
-        order = sorted(range(len(steps)), key=lambda i: steps[i].n > 1)  # decodes first, stable
-        decodes = [i for i in order if steps[i].n == 1]
-        prefills = [i for i in order if steps[i].n > 1]
+        decodes = [i for i in range(len(steps)) if steps[i].n == 1]
+        prefills = [i for i in range(len(steps)) if steps[i].n > 1]
+        order = decodes + prefills
 
         def span(i: int) -> Span:
             s = steps[i]
@@ -48,10 +48,7 @@ class ModelRunner:
             index.extend(len(tokens) + w for w in s.want)
             tokens.extend(s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n])
         self.cache.zero_blocks(new_blocks)
-        if not index:
-            self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
-                       logits_index=torch.zeros(1, dtype=torch.long, device=self.device), meta=meta)
-            return [torch.empty(0) for _ in steps]
+        # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
         logits = self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
-                            logits_index=torch.tensor(index, device=self.device), meta=meta).cpu()
+                            logits_index=torch.tensor(index or [0], device=self.device), meta=meta).cpu()
         return [logits[offsets[i] : offsets[i] + len(steps[i].want)] for i in range(len(steps))]
