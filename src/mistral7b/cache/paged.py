@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from mistral7b.config import ModelArgs
+from mistral7b.kernels import paged_attention as kernel
+from mistral7b.kernels.rotary_store import rotary_store
 from mistral7b.model.attention import window_mask
+from mistral7b.model.rope import inv_frequencies
+
+DECODE_ROWS = 16  # rows of the kernel's matrix product for decode tiles: queries x padded group heads
+PREFILL_ROWS = 128
 
 
 @dataclass
@@ -45,12 +51,33 @@ class AttentionGroup:
 
 
 @dataclass
+class KernelLaunch:
+    """One launch of the paged-attention kernel: its tiles (sequence, first query) and their shape."""
+
+    tile_seq: torch.Tensor  # [tiles] int32
+    tile_q: torch.Tensor  # [tiles] int32
+    block_q: int
+    num_splits: int = 1
+
+
+@dataclass
+class KernelMetadata:
+    """The step's sequences for the GPU kernel (kernels/paged_attention.py), decodes first."""
+
+    block_tables: torch.Tensor  # [S, max blocks] int32, 0-padded
+    seq_lens: torch.Tensor  # [S] int32: keys of each sequence after this step
+    query_start: torch.Tensor  # [S + 1] int32: where each sequence's new tokens start in the flat step
+    launches: list[KernelLaunch]
+
+
+@dataclass
 class PagedMetadata:
     """What every layer of one paged step needs; built once per step by `PagedKVCache.plan`."""
 
     positions: torch.Tensor  # [1, N]
     slot_mapping: torch.Tensor  # [N] flat slot of each new token
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # the PyTorch path (CPU)
+    kernel: KernelMetadata | None = None  # the kernel path (GPU, or Triton's interpreter)
 
 
 @dataclass
@@ -65,14 +92,33 @@ class Span:
 
 class PagedKVCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", attention: str = "auto"):
         """`num_blocks` physical blocks including the null block 0. Memory is reserved, not touched: a block is
-        zeroed when it is handed out, so resident memory follows what is used."""
+        zeroed when it is handed out, so resident memory follows what is used.
+
+        `attention`: "torch" (gathers + matmuls/SDPA), "triton" (the paged kernel; on a CPU only under
+        TRITON_INTERPRET=1, for tests), or "auto": the kernel on CUDA when Triton is installed. The kernel path
+        adds one scratch block after the pool, which padded rows of a CUDA graph write to.
+        """
         self.window, self.block_size = args.sliding_window, block_size
-        self.n_kv_heads, self.head_dim = args.n_kv_heads, args.head_dim
+        self.n_kv_heads, self.head_dim, self.n_heads = args.n_kv_heads, args.head_dim, args.n_heads
         self.dtype, self.device = dtype, torch.device(device)
+        if attention not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention must be auto, torch or triton, got {attention!r}")
+        if attention == "triton" and not kernel.available():
+            raise ValueError("attention='triton' needs the triton package")
+        self.use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
+                                                    and kernel.available())
         self.num_blocks = num_blocks
-        shape = (args.n_kv_heads, num_blocks, block_size, args.head_dim)
+        self.scratch_block = num_blocks if self.use_kernel else None
+        self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta, self.device)
+        group_pad = 1 << (args.n_heads // args.n_kv_heads - 1).bit_length()
+        self.decode_block_q = max(1, DECODE_ROWS // group_pad)
+        self.prefill_block_q = max(1, PREFILL_ROWS // group_pad)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+        self.target_programs = 2 * sms
+        physical = num_blocks + (1 if self.use_kernel else 0)
+        shape = (args.n_kv_heads, physical, block_size, args.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
         self.zero_blocks([0])
@@ -90,6 +136,13 @@ class PagedKVCache:
         for t in self.k + self.v:
             t.index_fill_(1, idx, 0)
 
+    def decode_splits(self, rows: int, max_keys: int) -> int:
+        """Key splits per decode sequence so that rows x KV heads x splits programs about fill the GPU."""
+        if max_keys <= 0:
+            return 1
+        want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
+        return max(1, min(16, want, -(-max_keys // 64)))
+
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""
         bs = self.block_size
@@ -99,6 +152,10 @@ class PagedKVCache:
             for p in range(span.start, span.start + span.n):
                 positions.append(p)
                 slots.append(span.block_table[p // bs] * bs + p % bs)
+        to = dict(dtype=torch.long, device=self.device)
+        if self.use_kernel:
+            return PagedMetadata(positions=torch.tensor([positions], **to), slot_mapping=torch.tensor(slots, **to),
+                                 groups=[], kernel=self._kernel_metadata(decodes, prefills))
         groups = []
         if decodes:
             groups.append(self._group(0, decodes))
@@ -106,9 +163,31 @@ class PagedKVCache:
         for span in prefills:
             groups.append(self._group(offset, [span]))
             offset += span.n
-        to = dict(dtype=torch.long, device=self.device)
         return PagedMetadata(positions=torch.tensor([positions], **to), slot_mapping=torch.tensor(slots, **to),
                              groups=groups)
+
+    def _kernel_metadata(self, decodes: Seq[Span], prefills: Seq[Span]) -> KernelMetadata:
+        spans = [*decodes, *prefills]
+        width = max(len(s.block_table) for s in spans)
+        tables = torch.zeros(len(spans), width, dtype=torch.int32)
+        for i, s in enumerate(spans):
+            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        lens = [s.n for s in spans]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        to = dict(dtype=torch.int32, device=self.device)
+        launches = []
+        if decodes:
+            window = self.window or 1 << 62
+            keys = max(min(s.start + 1, window) for s in decodes)
+            launches.append(KernelLaunch(torch.arange(len(decodes), **to), torch.zeros(len(decodes), **to),
+                                         self.decode_block_q, self.decode_splits(len(decodes), keys)))
+        if prefills:
+            seqs, firsts = kernel.query_tiles([0] * len(decodes) + [s.n for s in prefills], self.prefill_block_q)
+            launches.append(KernelLaunch(torch.tensor(seqs, **to), torch.tensor(firsts, **to), self.prefill_block_q))
+        return KernelMetadata(block_tables=tables.to(self.device), seq_lens=torch.tensor(
+            [s.start + s.n for s in spans], **to), query_start=torch.tensor(starts, **to), launches=launches)
 
     def _group(self, start: int, spans: Seq[Span]) -> AttentionGroup:
         bs = self.block_size
@@ -140,6 +219,22 @@ class PagedKVCache:
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
                               block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
 
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+        """The kernel path from a fused projection qkv [1, N, (H + 2 H_kv) D] (not yet rotated): rotate, store
+        k/v, attend; returns [1, N, H, D]."""
+        assert meta.kernel is not None
+        q = rotary_store(qkv[0], meta.positions[0], self.inv_freq, meta.slot_mapping, self.k[layer], self.v[layer],
+                         self.n_heads)
+        return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
+
+    def _kernel_attend(self, layer: int, q: torch.Tensor, km: KernelMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for launch in km.launches:
+            kernel.paged_attention(q, self.k[layer], self.v[layer], km.block_tables, km.seq_lens, km.query_start,
+                                   launch.tile_seq, launch.tile_q, self.window, launch.block_q, launch.num_splits,
+                                   out=out)
+        return out
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PagedMetadata) -> torch.Tensor:
         """Write this step's k/v [1, N, H_kv, D] to their slots; attend each group; return [1, N, H, D]."""
@@ -147,6 +242,8 @@ class PagedKVCache:
         H_kv, D = self.n_kv_heads, self.head_dim
         cache_k.view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, k[0].transpose(0, 1).to(self.dtype))
         cache_v.view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, v[0].transpose(0, 1).to(self.dtype))
+        if meta.kernel is not None:
+            return self._kernel_attend(layer, q[0].to(self.dtype), meta.kernel).to(q.dtype).unsqueeze(0)
         n_heads = q.shape[2]
         pool = (H_kv * self.num_blocks, self.block_size, D)
         outs = []

@@ -41,6 +41,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for keys and values; default 1 GiB on CPU, half the free GPU
     num_blocks: int | None = None  # overrides kv_cache_memory
     enable_prefix_caching: bool = True
+    attention: str = "auto"  # "torch", "triton" (the paged kernel), or auto: the kernel on CUDA
+    cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
 
     def validate(self) -> None:
         for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
@@ -64,7 +66,7 @@ class LLMEngine:
         block_bytes = PagedKVCache.block_bytes(self.args, bs, model.dtype)
         num_blocks = config.num_blocks or min(per_seq * config.max_num_seqs,
                                               max(1, self._kv_memory(device) // block_bytes))
-        self.cache = PagedKVCache(self.args, num_blocks + 1, bs, model.dtype, device)
+        self.cache = PagedKVCache(self.args, num_blocks + 1, bs, model.dtype, device, config.attention)
         self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))

@@ -52,6 +52,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        if self.wqkv is not None and getattr(meta, "kernel", None) is not None:  # rotate + store + attend
+            out = cache.attend_qkv(layer, self.wqkv(x), meta)  # type: ignore[union-attr]
+            return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
         if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
             qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
             n_qk = self.n_heads + self.n_kv_heads

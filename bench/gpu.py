@@ -1,0 +1,573 @@
+"""GPU serving benchmark on a Mistral-7B-shaped model: batch-1 decode, 256-request throughput, long context.
+
+One process, one GPU, random bf16 weights (no download): every tensor is drawn on the GPU from a generator
+seeded by its native name (std 0.02, output layer 0.002 so the logits stay near uniform, norms 1) and written
+as a native checkpoint (params.json + consolidated.safetensors, `loading.writers.save_native`, or the same two
+files written directly when the writers cannot be imported: they import `gguf`). Ours loads that folder with
+`LLM(folder, device="cuda", dtype="bfloat16", quantize=None)` (no tokenizer: prompts are token ids) and is driven
+through `llm.engine` (add_request / step); Hugging Face transformers' `MistralForCausalLM` (sdpa, bf16) gets the
+same tensors (q/k rows permuted to its half-split rotary layout, `loading.layout.permute_to_hf`).
+
+Ceilings, measured first: copy bandwidth BW = 2 x bytes / time of a device-to-device copy of a 4 GiB bf16 tensor
+(median of 10); matmul rate R = 2 n^3 / time of an n = 8192 bf16 matmul (mean of 10 after 3 warm-ups).
+
+1. Batch-1 decode, 512-token prompt, 256 new tokens (greedy, ignore_eos), after a warm-up request.
+   Ours: decode tok/s = 255 / (time of last token - time of first); end to end = 256 / (last token - start).
+   HF: generate(max_new_tokens=256, min_new_tokens=256, do_sample=False), end to end; decode tok/s =
+   255 / (that time - the time of the same generate with max_new_tokens=1).
+   Floor: weight bytes Wb = every parameter but the embedding table (read as rows) x 2 bytes, read once per
+   token; floor tok/s = BW / Wb (the KV cache at <= 768 tokens adds < 1% and is left out).
+2. Throughput: 256 requests of 512 random ids, 256 new tokens each, ignore_eos, all added at once, engine stepped
+   until done (after an unmeasured warm-up round of the same requests with 4 new tokens). Output tok/s =
+   256 * 256 / wall; TTFT = first token time - start; TPOT = (last - first) / 255, per request.
+   HF: batched generate at batch sizes 32, 64, 128 (equal-length prompts, no padding); ONE call per size is
+   timed and its output tok/s (b * 256 / time) stands for the 256 / b calls that 256 requests would take.
+   Roofline (L layers, H heads, Hkv kv heads, D head_dim, P = non-embedding parameters, Pout = output layer's,
+   c(i) = min(i + 1, W) keys for the query at position i, attention FLOPs a(i) = 4 L H D c(i)):
+     pre-fill time  = sum over requests of [sum_{i<512} (2 (P - Pout) + a(i)) + 2 Pout] / R
+     decode step s  = 1 .. 255 (query position i = 511 + s, 256 rows):
+                      max(256 (2 P + a(i)) / R,  (Wb + 256 c(i) 2 L Hkv D 2 bytes) / BW)
+     roofline tok/s = 256 * 256 / (pre-fill time + sum of decode step times)
+3. Long context: one 16384-token prompt (chunks of 4096, max_tokens=1) with the checkpoint's W = 4096 and again
+   reloaded with sliding_window=None. Whole pre-fill = wall time of the request. Attention = the sum of CUDA
+   event pairs around every `engine.cache.attend` call (writing the step's k/v, gathering the blocks, SDPA;
+   all layers), measured on a second prompt of the same length so the whole pre-fill is timed unwrapped.
+   KV per sequence: peak blocks held (sampled after every BlockManager.allocate) x PagedKVCache.block_bytes,
+   beside the bound max_blocks_per_seq(...) x block_bytes, at 16K and 32K. Decode at a 32K context: a 32768-
+   token prompt then 32 new tokens, ms/token = (last - first token time) / 31.
+
+Targets (issue): batch-1 >= 90% of floor; throughput >= 70% of roofline and >= 4x HF's best batched generate;
+attention at 16K >= 1.8x faster with W = 4096; KV per sequence bounded by W; 32K decode faster with the window.
+
+Usage (GPU): PYTHONPATH=src python bench/gpu.py --out $OUT/gpu.json [--skip-hf] [--skip-32k] [--no-cuda-graphs]
+CPU smoke test (tiny model, every code path, HF in float32): PYTHONPATH=src python bench/gpu.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from mistral7b.cache.block_manager import max_blocks_per_seq  # noqa: E402
+from mistral7b.cache.paged import PagedKVCache  # noqa: E402
+from mistral7b.config import PRESETS, ModelArgs  # noqa: E402
+from mistral7b.engine.llm import LLM  # noqa: E402
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
+from mistral7b.loading import layout  # noqa: E402
+
+GPU = dict(prompt=512, new=256, requests=256, hf_batches="32,64,128", long_len=16384, long_chunk=4096,
+           decode_len=32768, decode_tokens=32, copy_mib=4096, matmul_n=8192, warm_new=4)
+TINY = dict(prompt=48, new=16, requests=8, hf_batches="2,4", long_len=256, long_chunk=64, decode_len=512,
+            decode_tokens=8, copy_mib=16, matmul_n=256, warm_new=2, chunk_size=32, max_num_batched_tokens=128)
+T0 = time.perf_counter()
+_rid = itertools.count()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+def model_args(tiny: bool) -> ModelArgs:
+    if tiny:
+        return ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                         vocab_size=256, rope_theta=1e4, sliding_window=32, max_seq_len=8192)
+    return PRESETS["mistral-7b-v0.1"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def native_tensor(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The value of native parameter `name`, the same on every call (seeded by the name)."""
+    if len(shape) == 1:  # RMSNorm weights
+        return torch.ones(shape, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+    std = 0.002 if name == "output.weight" else 0.02
+    return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
+
+
+def write_checkpoint(folder: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> str:
+    state = {n: native_tensor(n, s, device, dtype).cpu() for n, s in layout.expected_shapes(args).items()}
+    try:
+        from mistral7b.loading.writers import save_native
+    except ImportError as e:  # writers.py imports gguf at module level; write the same two files here
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file(state, os.path.join(folder, "consolidated.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(folder, "params.json"), "w", encoding="utf-8") as f:
+            json.dump(args.to_params_json(), f, indent=2)
+        return f"safetensors + params.json directly (writers unavailable: {e})"
+    save_native(folder, args, state)
+    return "loading.writers.save_native"
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
+    """Seconds of each of `reps` calls (CUDA events on a GPU)."""
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def ceilings(device: torch.device, dtype: torch.dtype, copy_mib: int, n: int) -> dict:
+    src = torch.ones(copy_mib * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timed(lambda: dst.copy_(src), device, 2)
+    bw = 2 * src.numel() * 2 / statistics.median(timed(lambda: dst.copy_(src), device, 10))
+    del src, dst
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    timed(lambda: a @ b, device, 3)
+    rate = 2 * n**3 / statistics.mean(timed(lambda: a @ b, device, 10))
+    return {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12, "copy_bytes": copy_mib * 2**20,
+            "matmul_n": n}
+
+
+def weight_counts(args: ModelArgs) -> tuple[int, int]:
+    """(P: parameters read per token = all but the embedding table, Pout: the output layer's)."""
+    shapes = layout.expected_shapes(args)
+    total = sum(torch.Size(s).numel() for n, s in shapes.items() if n != "tok_embeddings.weight")
+    return total, args.vocab_size * args.dim
+
+
+def roofline(args: ModelArgs, n_req: int, prompt: int, new: int, rate: float, bw: float, itemsize: int) -> dict:
+    P, Pout = weight_counts(args)
+    W = args.sliding_window or 1 << 62
+
+    def attn(i: int) -> int:
+        return 4 * args.n_layers * args.n_heads * args.head_dim * min(i + 1, W)
+
+    prefill = n_req * (sum(2 * (P - Pout) + attn(i) for i in range(prompt)) + 2 * Pout) / rate
+    kv_token = 2 * args.n_layers * args.n_kv_heads * args.head_dim * itemsize
+    decode = 0.0
+    for s in range(1, new):
+        i = prompt - 1 + s
+        decode += max(n_req * (2 * P + attn(i)) / rate, (P * itemsize + n_req * min(i + 1, W) * kv_token) / bw)
+    return {"tok_s": n_req * new / (prefill + decode), "prefill_s": prefill, "decode_s": decode}
+
+
+# ---------------------------------------------------------------------------------------------- ours
+
+
+def engine_options(a: argparse.Namespace) -> dict[str, Any]:
+    """cuda_graphs / compile only where EngineConfig has them: on unless --no-..., off on a CPU."""
+    opts: dict[str, Any] = {}
+    for key, off in (("cuda_graphs", a.no_cuda_graphs), ("compile", a.no_compile)):
+        if key in EngineConfig.__dataclass_fields__:
+            opts[key] = not off and a.device == "cuda"
+        elif off:
+            log(f"note: EngineConfig has no {key!r} field; --no-{key.replace('_', '-')} ignored")
+    return opts
+
+
+def load_llm(folder: str, a: argparse.Namespace, *, window: Any, max_model_len: int, max_batch_size: int,
+             chunk: int, batched_tokens: int) -> LLM:
+    return LLM(folder, dtype=a.dtype, device=a.device, chunk_size=chunk, sliding_window=window,
+               max_model_len=max_model_len, max_batch_size=max_batch_size, progress=False, quantize=None,
+               engine_options={"max_num_batched_tokens": batched_tokens, **engine_options(a)})
+
+
+def drive(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list], float, float]:
+    """Add every prompt at once, step until done; per request [(time, token id)], start and end time."""
+    t0 = time.perf_counter()
+    rids = [("bench", next(_rid)) for _ in prompts]
+    for rid, ids in zip(rids, prompts):
+        engine.add_request(rid, ids, params)
+    got: dict[Any, list] = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        events = engine.step()  # samples on the CPU: the step's GPU work is done when it returns
+        now = time.perf_counter()
+        for ev in events:
+            if ev.token_id is not None:
+                got[ev.request_id].append((now, ev.token_id))
+    return [got[r] for r in rids], t0, time.perf_counter()
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+class AttentionTimer:
+    """Wraps `cache.attend` (an instance attribute shadowing the method) with timing; `remove` restores it."""
+
+    def __init__(self, cache: PagedKVCache):
+        self.cache, self.cuda = cache, cache.device.type == "cuda"
+        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_s = 0.0
+        inner = cache.attend
+
+        @torch.compiler.disable
+        def attend(*args: Any, **kw: Any) -> torch.Tensor:
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = inner(*args, **kw)
+                e.record()
+                self.pairs.append((s, e))
+                return out
+            t = time.perf_counter()
+            out = inner(*args, **kw)
+            self.cpu_s += time.perf_counter() - t
+            return out
+
+        cache.attend = attend  # type: ignore[method-assign]
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.cache.device)
+        return self.cpu_s + sum(s.elapsed_time(e) for s, e in self.pairs) / 1e3
+
+    def remove(self) -> None:
+        del self.cache.attend
+
+
+class PeakBlocks:
+    """Most blocks referenced at once, sampled after every BlockManager.allocate."""
+
+    def __init__(self, blocks: Any):
+        self.blocks, self.peak = blocks, 0
+        inner = blocks.allocate
+
+        def allocate(seq: Any, n: int) -> bool:
+            ok = inner(seq, n)
+            self.peak = max(self.peak, blocks.num_blocks - blocks.num_free)
+            return ok
+
+        blocks.allocate = allocate
+
+
+def ours_decode_and_throughput(folder: str, a: argparse.Namespace, vocab: int) -> dict:
+    llm = load_llm(folder, a, window="keep", max_model_len=a.prompt + a.new + 8, max_batch_size=a.max_batch_size,
+                   chunk=a.chunk_size, batched_tokens=a.max_num_batched_tokens)
+    eng = llm.engine
+    log(f"ours loaded: {eng.cache.num_blocks} KV blocks of {eng.config.block_size}, options {engine_options(a)}")
+    drive(eng, random_prompts(1, a.prompt, vocab, 1), greedy(16))
+    (toks,), t0, _ = drive(eng, [a.decode_prompt], greedy(a.new))
+    times = [t for t, _ in toks]
+    b1 = {"decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "e2e_tok_s": len(times) / (times[-1] - t0),
+          "tokens": len(times), "first_ids": [t for _, t in toks[:16]]}
+    log(f"ours batch-1: decode {b1['decode_tok_s']:.1f} tok/s, end to end {b1['e2e_tok_s']:.1f} tok/s")
+    drive(eng, random_prompts(a.requests, a.prompt, vocab, 2), greedy(a.warm_new))
+    log("ours throughput warm-up done")
+    per_req, t0, t1 = drive(eng, random_prompts(a.requests, a.prompt, vocab, 3), greedy(a.new))
+    ttft = [r[0][0] - t0 for r in per_req]
+    tpot = [(r[-1][0] - r[0][0]) / (len(r) - 1) for r in per_req]
+    n_out = sum(len(r) for r in per_req)
+    tp = {"output_tok_s": n_out / (t1 - t0), "wall_s": t1 - t0, "output_tokens": n_out,
+          "ttft_mean_s": statistics.mean(ttft), "ttft_median_s": statistics.median(ttft),
+          "tpot_mean_ms": 1e3 * statistics.mean(tpot), "tpot_median_ms": 1e3 * statistics.median(tpot)}
+    log(f"ours throughput: {tp['output_tok_s']:,.0f} output tok/s in {tp['wall_s']:.1f} s")
+    del llm, eng
+    free()
+    return {"batch1": b1, "throughput": tp}
+
+
+def long_context(folder: str, a: argparse.Namespace, args: ModelArgs, windowed: bool) -> dict:
+    llm = load_llm(folder, a, window="keep" if windowed else None, max_batch_size=1, chunk=a.long_chunk,
+                   max_model_len=max(a.long_len, a.decode_len) + a.decode_tokens + 8, batched_tokens=a.long_chunk)
+    eng, vocab, W = llm.engine, args.vocab_size, llm.args.sliding_window
+    bs = eng.config.block_size
+    block_bytes = PagedKVCache.block_bytes(llm.args, bs, llm.model.dtype)
+    peak = PeakBlocks(eng.blocks)
+    drive(eng, random_prompts(1, 2 * a.long_chunk, vocab, 10), greedy(1))  # warm-up: chunk-sized steps
+    peak.peak = 0
+    _, t0, t1 = drive(eng, random_prompts(1, a.long_len, vocab, 11), greedy(1))
+    out = {"window": W, "prefill_s": t1 - t0, "kv_peak_MiB_16k": peak.peak * block_bytes / 2**20,
+           "kv_bound_MiB_16k": max_blocks_per_seq(a.long_len, a.long_chunk, bs, W) * block_bytes / 2**20,
+           "kv_bound_MiB_32k": max_blocks_per_seq(a.decode_len, a.long_chunk, bs, W) * block_bytes / 2**20}
+    timer = AttentionTimer(eng.cache)
+    _, t0, t1 = drive(eng, random_prompts(1, a.long_len, vocab, 12), greedy(1))
+    out.update(attention_s=timer.seconds(), prefill_timed_pass_s=t1 - t0, attention_calls=len(timer.pairs) or None)
+    timer.remove()
+    log(f"long W={W}: pre-fill {out['prefill_s']:.3f} s, attention {out['attention_s']:.3f} s")
+    if not a.skip_32k:
+        peak.peak = 0
+        (toks,), t0, _ = drive(eng, random_prompts(1, a.decode_len, vocab, 13), greedy(a.decode_tokens))
+        out.update(decode_ms_32k=1e3 * (toks[-1][0] - toks[0][0]) / (len(toks) - 1), prefill_s_32k=toks[0][0] - t0,
+                   kv_peak_MiB_32k=peak.peak * block_bytes / 2**20)
+        log(f"long W={W}: 32K decode {out['decode_ms_32k']:.2f} ms/token")
+    del llm, eng, peak, timer
+    free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- hf
+
+
+def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Any:
+    import transformers
+
+    cfg = args.to_hf_config()
+    cfg.pop("architectures"), cfg.pop("model_type")
+    config = transformers.MistralConfig(**cfg, attn_implementation="sdpa")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, shape in layout.expected_shapes(args).items():
+            value = native_tensor(name, shape, device, dtype)
+            heads = layout.rotary_heads(name, args)
+            params[layout.from_native_name(name, "hf")].copy_(layout.permute_to_hf(value, heads) if heads else value)
+    return model.eval()
+
+
+def hf_generate(model: Any, ids: torch.Tensor, new: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    sync(device)
+    assert out.shape[1] == ids.shape[1] + new, out.shape
+    return time.perf_counter() - t, out
+
+
+def hf_peer(args: ModelArgs, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    model = build_hf(args, device, dtype)
+    log(f"HF transformers {transformers.__version__} model built")
+    ids = torch.tensor([a.decode_prompt], device=device)
+    hf_generate(model, ids, 8, device)
+    t1, _ = hf_generate(model, ids, 1, device)
+    t, out = hf_generate(model, ids, a.new, device)
+    b1 = {"e2e_tok_s": a.new / t, "decode_tok_s": (a.new - 1) / (t - t1), "prefill_s": t1,
+          "first_ids": out[0, ids.shape[1]:ids.shape[1] + 16].tolist()}
+    log(f"HF batch-1: decode {b1['decode_tok_s']:.1f} tok/s, end to end {b1['e2e_tok_s']:.1f} tok/s")
+    batched = []
+    for b in [int(x) for x in a.hf_batches.split(",")]:
+        try:
+            ids = torch.tensor(random_prompts(b, a.prompt, args.vocab_size, 100 + b), device=device)
+            hf_generate(model, ids, 2, device)
+            t, _ = hf_generate(model, ids, a.new, device)
+        except torch.OutOfMemoryError as e:
+            log(f"HF batch {b}: out of memory, skipped ({str(e).splitlines()[0]})")
+            batched.append({"batch": b, "error": "out of memory"})
+            free()
+            continue
+        batched.append({"batch": b, "call_s": t, "output_tok_s": b * a.new / t,
+                        "extrapolated_256_req_s": t * a.requests / b})
+        log(f"HF batch {b}: {b * a.new / t:,.0f} output tok/s ({t:.1f} s per call)")
+    del model
+    free()
+    return {"batch1": b1, "batched": batched}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def device_info(device: torch.device) -> dict:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
+                            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        info["transformers"] = __import__("transformers").__version__
+    except Exception as e:  # noqa: BLE001
+        info["transformers"] = f"unavailable ({e})"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "NOT met")
+
+
+def report(r: dict, a: argparse.Namespace) -> list[str]:
+    c, ours, hf, lc = r["ceilings"], r.get("ours"), r.get("hf"), r.get("long", {})
+    floor = r["floor_tok_s"]
+    lines = [f"ceilings: copy {c['copy_bandwidth_GBps']:,.0f} GB/s, matmul {c['matmul_TFLOPs']:,.1f} TFLOP/s; "
+             f"weights read per token {r['weight_bytes'] / 1e9:.2f} GB -> batch-1 floor {floor:,.1f} tok/s; "
+             f"throughput roofline {r['roofline']['tok_s']:,.0f} tok/s", "",
+             "| batch-1 (512 in, 256 out) | decode tok/s | % of floor | end-to-end tok/s |", "|---|---|---|---|"]
+    for name, res in (("mistral7b (ours)", ours and ours["batch1"]), ("HF transformers", hf and hf["batch1"])):
+        if res:
+            lines.append(f"| {name} | {res['decode_tok_s']:,.1f} | {100 * res['decode_tok_s'] / floor:.0f}% "
+                         f"| {res['e2e_tok_s']:,.1f} |")
+    lines += ["", f"| {a.requests} requests, {a.prompt} in / {a.new} out | output tok/s | % of roofline | "
+              "TTFT mean / median s | TPOT mean / median ms |", "|---|---|---|---|---|"]
+    roof = r["roofline"]["tok_s"]
+    if ours:
+        t = ours["throughput"]
+        lines.append(f"| mistral7b (ours) | {t['output_tok_s']:,.0f} | {100 * t['output_tok_s'] / roof:.0f}% | "
+                     f"{t['ttft_mean_s']:.2f} / {t['ttft_median_s']:.2f} | {t['tpot_mean_ms']:.1f} / "
+                     f"{t['tpot_median_ms']:.1f} |")
+    for h in (hf or {}).get("batched", []):
+        if "output_tok_s" in h:
+            lines.append(f"| HF generate, batch {h['batch']} (1 call timed, x{a.requests / h['batch']:g} "
+                         f"extrapolated) | {h['output_tok_s']:,.0f} | {100 * h['output_tok_s'] / roof:.0f}% | - | - |")
+    lines += ["", f"| long context (chunks of {a.long_chunk}) | pre-fill {a.long_len} s | attention s | "
+              "KV MiB/seq peak 16K (bound) | KV MiB/seq peak 32K (bound) | decode @32K ms/token |",
+              "|---|---|---|---|---|---|"]
+    for key in ("window", "no_window"):
+        if key in lc:
+            x = lc[key]
+            lines.append(f"| W = {x['window']} | {x['prefill_s']:.3f} | {x['attention_s']:.3f} | "
+                         f"{x['kv_peak_MiB_16k']:,.0f} ({x['kv_bound_MiB_16k']:,.0f}) | "
+                         f"{x.get('kv_peak_MiB_32k', float('nan')):,.0f} ({x['kv_bound_MiB_32k']:,.0f}) | "
+                         f"{x.get('decode_ms_32k', float('nan')):.2f} |")
+    t = r["targets"]
+    lines += ["", "targets:"] + [f"- {k}: {v['value']} -> {verdict(v['ok'])}" for k, v in t.items()]
+    return lines
+
+
+def targets(r: dict) -> dict:
+    ours, hf, lc = r.get("ours"), r.get("hf"), r.get("long", {})
+    best_hf = max((h["output_tok_s"] for h in (hf or {}).get("batched", []) if "output_tok_s" in h), default=None)
+    out: dict[str, dict] = {}
+
+    def put(key: str, value: float | None, ok: Callable[[float], bool], fmt: str) -> None:
+        out[key] = {"value": None if value is None else fmt.format(value), "ok": None if value is None else ok(value)}
+
+    put("batch-1 decode / floor >= 90%", ours and ours["batch1"]["decode_tok_s"] / r["floor_tok_s"],
+        lambda v: v >= 0.9, "{:.1%}")
+    tp = ours and ours["throughput"]["output_tok_s"]
+    put("throughput / roofline >= 70%", tp and tp / r["roofline"]["tok_s"], lambda v: v >= 0.7, "{:.1%}")
+    put("throughput / HF best batched >= 4x", tp and best_hf and tp / best_hf, lambda v: v >= 4, "{:.2f}x")
+    w, nw = lc.get("window"), lc.get("no_window")
+    put("attention at 16K, no window / window >= 1.8x", w and nw and nw["attention_s"] / w["attention_s"],
+        lambda v: v >= 1.8, "{:.2f}x")
+    put("whole pre-fill at 16K, no window / window (reported)", w and nw and nw["prefill_s"] / w["prefill_s"],
+        lambda v: True, "{:.2f}x")
+    if w and "kv_peak_MiB_32k" in w:
+        put("KV per sequence with W: peak at 32K <= bound, same as at 16K", w["kv_peak_MiB_32k"],
+            lambda v: v <= w["kv_bound_MiB_32k"] and v <= w["kv_peak_MiB_16k"] * 1.01, "{:,.0f} MiB")
+    if w and nw and "decode_ms_32k" in w and "decode_ms_32k" in nw:
+        put("decode at 32K, no window / window > 1", nw["decode_ms_32k"] / w["decode_ms_32k"], lambda v: v > 1,
+            "{:.2f}x")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="a 2-layer dim-64 model on the CPU (smoke test of the script)")
+    p.add_argument("--out", default=None, help="JSON file (default bench/data/gpu_<date>.json)")
+    p.add_argument("--checkpoint", default=None, help="reuse this native checkpoint folder instead of writing one")
+    p.add_argument("--workdir", default=None, help="where to write the random checkpoint (default: a temp folder)")
+    p.add_argument("--chunk-size", type=int, default=2048)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--hf-batches", default=None, help="HF generate batch sizes (default 32,64,128)")
+    p.add_argument("--long-chunk", type=int, default=None, help="pre-fill chunk of the long-context runs (4096)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-long", action="store_true")
+    p.add_argument("--skip-32k", action="store_true", help="no 32K-context decode in the long-context runs")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args()
+    for key, value in (TINY if a.tiny else GPU).items():
+        if a.tiny or getattr(a, key, None) is None:
+            setattr(a, key, value)
+    a.device = "cpu" if a.tiny else "cuda"
+    a.dtype = "float32" if a.tiny else "bfloat16"
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --tiny for the CPU smoke test")
+    args = model_args(a.tiny)
+    info = device_info(device)
+    log("device: " + json.dumps(info))
+    r: dict[str, Any] = {"device": info, "model": args.to_dict(), "settings": {k: v for k, v in vars(a).items()},
+                         "engine_options": engine_options(a), "errors": []}
+
+    r["ceilings"] = ceilings(device, dtype, a.copy_mib, a.matmul_n)
+    bw, rate = r["ceilings"]["copy_bandwidth_GBps"] * 1e9, r["ceilings"]["matmul_TFLOPs"] * 1e12
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    r["weight_bytes"] = weight_counts(args)[0] * itemsize
+    r["floor_tok_s"] = bw / r["weight_bytes"]
+    r["roofline"] = roofline(args, a.requests, a.prompt, a.new, rate, bw, itemsize)
+    log(f"ceilings: {json.dumps(r['ceilings'])}; floor {r['floor_tok_s']:.1f} tok/s, roofline "
+        f"{r['roofline']['tok_s']:,.0f} tok/s")
+
+    folder, tmp = a.checkpoint, None
+    if folder is None:
+        tmp = folder = tempfile.mkdtemp(prefix="mistral7b_gpu_bench_", dir=a.workdir)
+        r["checkpoint_writer"] = write_checkpoint(folder, args, device, dtype)
+        log(f"checkpoint written to {folder} ({r['checkpoint_writer']})")
+    a.decode_prompt = random_prompts(1, a.prompt, args.vocab_size, 0)[0]
+    sections: list[tuple[str, Callable[[], Any]]] = [("ours", lambda: ours_decode_and_throughput(folder, a, args.vocab_size))]
+    if not a.skip_hf:
+        sections.append(("hf", lambda: hf_peer(args, a, device, dtype)))
+    if not a.skip_long:
+        sections += [("long.window", lambda: long_context(folder, a, args, True)),
+                     ("long.no_window", lambda: long_context(folder, a, args, False))]
+    try:
+        for name, run in sections:
+            try:
+                value = run()
+            except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
+                import traceback
+
+                traceback.print_exc()
+                r["errors"].append(f"{name}: {type(e).__name__}: {e}")
+                free()
+                continue
+            if name.startswith("long."):
+                r.setdefault("long", {})[name[5:]] = value
+            else:
+                r[name] = value
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if r.get("ours") and r.get("hf"):
+        r["greedy_first16_agree"] = r["ours"]["batch1"]["first_ids"] == r["hf"]["batch1"]["first_ids"]
+    r["targets"] = targets(r)
+    r["total_s"] = time.perf_counter() - T0
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                f"gpu_{datetime.date.today().isoformat()}{'_tiny' if a.tiny else ''}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(r, f, indent=2)
+    print("\n" + "\n".join(report(r, a) + [f"greedy first 16 tokens ours == HF: {r.get('greedy_first16_agree')}"]
+                           + r["errors"] + [f"total {r['total_s']:.0f} s; JSON: {out}"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

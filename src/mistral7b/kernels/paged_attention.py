@@ -1,0 +1,218 @@
+"""Paged attention on a GPU: one Triton kernel for decode rows and pre-fill chunks, GQA- and window-aware.
+
+Each program takes one tile of a sequence's new tokens (`block_q` queries) and one KV head, and reads keys
+and values straight from the paged pool [n_kv_heads, num_blocks, block_size, head_dim] through the sequence's
+block table: no gather copy, and with a sliding window W the loop starts at the first key the tile's earliest
+query may see, so the work per query is bounded by W (not by the context length). The G = n_heads / n_kv_heads
+query heads that share a KV head are packed into the rows of one matrix product (rows = queries x heads), so
+each key block is loaded once for its whole group.
+
+Decode steps with few sequences cannot fill the GPU with one program per (sequence, KV head); `num_splits`
+then divides each sequence's key range over several programs that write partial results (running max, sum
+and unnormalised output), merged by a second small kernel (flash-decoding).
+
+The launch is fixed-shape given (tiles, splits), so a decode step can be captured in a CUDA graph: nothing
+here reads a value back to the host. `reference_paged_attention` is the same computation in PyTorch, the
+oracle of the tests (which also run the kernel itself under TRITON_INTERPRET=1 on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the kernel is unavailable, the PyTorch paths remain
+    triton = None
+    tl = None
+
+NEG_LARGE = -1.0e30  # the running max starts finite, so a tile that sees no key in an iteration stays NaN-free
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def query_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[int]]:
+    """(sequence, first query) of each tile: ceil(len / block_q) tiles per sequence, in order."""
+    seqs, firsts = [], []
+    for s, n in enumerate(query_lens):
+        for q0 in range(0, n, block_q):
+            seqs.append(s)
+            firsts.append(q0)
+    return seqs, firsts
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stat_ptr,
+        block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_q_ptr,
+        scale, window, n_tokens, n_heads,
+        stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
+        G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq = tl.load(tile_seq_ptr + tile)
+        q0 = tl.load(tile_q_ptr + tile)
+        q_begin = tl.load(query_start_ptr + seq)
+        n_q = tl.load(query_start_ptr + seq + 1) - q_begin
+        seq_len = tl.load(seq_lens_ptr + seq)  # keys = positions 0 .. seq_len - 1, the new tokens last
+
+        rows = tl.arange(0, BLOCK_Q * G_PAD)
+        qi = q0 + rows // G_PAD
+        g = rows % G_PAD
+        row_ok = (qi < n_q) & (g < G)
+        q_pos = seq_len - n_q + qi
+        d = tl.arange(0, D)
+        q_rows = (q_begin + qi) * stride_qt + (kvh * G + g) * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+
+        first_pos = seq_len - n_q + q0
+        last_pos = tl.minimum(first_pos + BLOCK_Q - 1, seq_len - 1)
+        lo = first_pos * 0
+        if window > 0:
+            lo = tl.maximum(first_pos - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = last_pos + 1
+        if SPLITS > 1:  # this program's share of the key blocks
+            n_iter = tl.cdiv(hi - lo, BLOCK_N)
+            per = tl.cdiv(n_iter, SPLITS)
+            lo_s = lo + split * per * BLOCK_N
+            hi = tl.minimum(hi, lo_s + per * BLOCK_N)
+            lo = lo_s
+
+        m_i = tl.full([BLOCK_Q * G_PAD], NEG_LARGE, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q * G_PAD, D], dtype=tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):
+            k_pos = start + n
+            k_ok = k_pos < hi
+            block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+            kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
+            k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            if window > 0:
+                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        heads = kvh * G + g
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_rows = (q_begin + qi) * stride_ot + heads * stride_oh
+            tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:  # partials [SPLITS, tokens, heads, D] and stats [2, SPLITS, tokens, heads] (max, sum), float32
+            flat = (split * n_tokens + q_begin + qi) * n_heads + heads
+            tl.store(part_ptr + flat[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+            tl.store(stat_ptr + flat, m_i, mask=row_ok)
+            tl.store(stat_ptr + SPLITS * n_tokens * n_heads + flat, l_i, mask=row_ok)
+
+
+    @triton.jit
+    def _merge_kernel(part_ptr, stat_ptr, out_ptr, n_tokens, n_heads, stride_ot, stride_oh,
+                      SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, S_PAD)
+        ok = sp < SPLITS
+        flat = (sp * n_tokens + t) * n_heads + h
+        m = tl.load(stat_ptr + flat, mask=ok, other=NEG_LARGE)
+        l = tl.load(stat_ptr + SPLITS * n_tokens * n_heads + flat, mask=ok, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))
+        d = tl.arange(0, D)
+        acc = tl.load(part_ptr + flat[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.maximum(tl.sum(l * w, 0), 1e-30)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    tile_seq: torch.Tensor,
+    tile_q: torch.Tensor,
+    window: int | None,
+    block_q: int,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of the new tokens q [N, H, D] over the paged pool k/v [H_kv, num_blocks, block_size, D].
+
+    Sequence s owns tokens query_start[s] .. query_start[s+1] - 1 of q (its last new tokens: the keys at
+    positions 0 .. seq_lens[s] - 1 are in the pool, these included), and its block table row
+    block_tables[s] (int32). tile_seq / tile_q (int32, from `query_tiles(..., block_q)`) list the programs.
+    Writes and returns out [N, H, D] in q's dtype (rows no tile covers are left as they are).
+    """
+    N, H, D = q.shape
+    H_kv, _, block_size, _ = k_cache.shape
+    G = H // H_kv
+    g_pad = triton.next_power_of_2(G)
+    if out is None:
+        out = torch.empty_like(q)
+    tiles = tile_seq.shape[0]
+    if tiles == 0:
+        return out
+    block_n = 64 if block_q * g_pad >= 64 else 32
+    part = stats = out
+    if num_splits > 1:
+        part = torch.empty((num_splits, N, H, D), dtype=torch.float32, device=q.device)
+        stats = torch.empty((2, num_splits, N, H), dtype=torch.float32, device=q.device)
+    grid = (tiles, H_kv, num_splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part, stats, block_tables, seq_lens, query_start, tile_seq, tile_q,
+        D**-0.5, window or 0, N, H,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
+        num_warps=4 if block_q * g_pad <= 64 else 8, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_kernel[(N, H)](part, stats, out, N, H, out.stride(0), out.stride(1), SPLITS=num_splits,
+                              S_PAD=triton.next_power_of_2(num_splits), D=D)
+    return out
+
+
+def reference_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start: torch.Tensor, window: int | None,
+) -> torch.Tensor:
+    """`paged_attention` in plain PyTorch, sequence by sequence (float32 softmax): the tests' oracle."""
+    N, H, D = q.shape
+    H_kv, _, block_size, _ = k_cache.shape
+    out = torch.zeros_like(q)
+    for s in range(seq_lens.shape[0]):
+        lo, hi, length = int(query_start[s]), int(query_start[s + 1]), int(seq_lens[s])
+        blocks = block_tables[s, : math.ceil(length / block_size)].long()
+        keys = k_cache[:, blocks].reshape(H_kv, -1, D)[:, :length].float()
+        values = v_cache[:, blocks].reshape(H_kv, -1, D)[:, :length].float()
+        k_pos = torch.arange(length)
+        q_pos = torch.arange(length - (hi - lo), length)
+        allowed = k_pos[None] <= q_pos[:, None]
+        if window:
+            allowed &= q_pos[:, None] - k_pos[None] < window
+        qs = q[lo:hi].float().transpose(0, 1)  # [H, n, D]
+        keys = keys.repeat_interleave(H // H_kv, 0)
+        values = values.repeat_interleave(H // H_kv, 0)
+        scores = (qs @ keys.transpose(1, 2)) * D**-0.5
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        out[lo:hi] = (scores.softmax(-1) @ values).transpose(0, 1).to(q.dtype)
+    return out
