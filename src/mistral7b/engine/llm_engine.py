@@ -16,10 +16,11 @@ import torch
 
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
+from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.model_runner import ModelRunner, StepInput
 from mistral7b.engine.outputs import StreamEvent
-from mistral7b.engine.sampler import sample_token, top_logprobs
+from mistral7b.engine.sampler import Sample, sample_token, top_logprobs
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence
@@ -70,7 +71,12 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
-        self.runner = ModelRunner(model, self.cache)
+        graphs = None
+        if config.cuda_graphs and self.cache.use_kernel and device.type == "cuda":
+            keys = min(window or config.max_model_len, config.max_model_len)
+            graphs = DecodeGraphs(model, self.cache, config.max_num_seqs, -(-config.max_model_len // bs) + 1, keys)
+            graphs.capture()
+        self.runner = ModelRunner(model, self.cache, graphs)
         self.requests: dict[Hashable, list[Sequence]] = {}
         self._next_seq_id = 0
         self.prompt_tokens_total = 0
@@ -168,18 +174,47 @@ class LLMEngine:
             if start + n == seq.num_tokens:
                 want.append(n - 1)
             inputs.append(StepInput(seq, n, want))
-        rows = self.runner.run(inputs, self.blocks.take_new_blocks())
-        events: list[StreamEvent] = []
-        for inp, logits in zip(inputs, rows):
+        logits, first_rows = self.runner.run(inputs, self.blocks.take_new_blocks())
+        ready: list[tuple[Sequence, int]] = []  # sequences to sample, and the row of their logits
+        for inp, first in zip(inputs, first_rows):
             seq = inp.seq
             start = seq.num_computed
             seq.num_computed += inp.n
             self.blocks.commit(seq)
             if seq.wants_prompt_logprobs:
-                self._record_prompt_logprobs(seq, start, logits)
+                self._record_prompt_logprobs(seq, start, logits[first : first + len(inp.want)].cpu())
             if seq.num_computed == seq.num_tokens:
-                events.extend(self._sample(seq, logits[-1]))
+                ready.append((seq, first + len(inp.want) - 1))
+        events: list[StreamEvent] = []
+        for (seq, _), sample in zip(ready, self._choose(ready, logits)):
+            events.extend(self._emit(seq, sample))
         return events
+
+    @staticmethod
+    def _plain(seq: Sequence) -> bool:
+        """Greedy with nothing that changes the logits: picked for all such sequences at once on the device."""
+        p = seq.params
+        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and not p.top_logprobs and seq.num_output >= p.min_tokens)
+
+    def _choose(self, ready: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[Sample]:
+        """The next token of each ready sequence. Plain greedy rows take one argmax over their logits rows and
+        one copy to the host; the others go through the full sampler one by one."""
+        chosen: list[Sample | None] = [None] * len(ready)
+        plain = [i for i, (seq, _) in enumerate(ready) if self._plain(seq)]
+        if plain:
+            rows = logits.index_select(0, torch.tensor([ready[i][1] for i in plain], device=logits.device))
+            tokens = rows.argmax(-1)
+            logprobs = None
+            if any(ready[i][0].params.logprobs for i in plain):
+                logprobs = rows.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
+            for j, (i, token) in enumerate(zip(plain, tokens.tolist())):
+                want = ready[i][0].params.logprobs
+                chosen[i] = Sample(token, logprobs[j] if want and logprobs is not None else None)
+        for i, (seq, row) in enumerate(ready):
+            if chosen[i] is None:
+                chosen[i] = self._sample(seq, logits[row].cpu())
+        return chosen  # type: ignore[return-value]
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         count = max(0, min(len(logits), seq.num_prompt - 1 - start))
@@ -193,17 +228,21 @@ class LLMEngine:
             top = top_logprobs(logprobs[i], k) if k else []
             seq.prompt_logprobs[start + 1 + i] = (picked[i], top)  # type: ignore[index]
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[StreamEvent]:
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sample:
         p = seq.params
         banned: list[int] = []
         if seq.num_output < p.min_tokens:
             banned = [t for t in (*seq.eos_ids, *p.stop_token_ids) if t < logits.shape[-1]]
-        sample = sample_token(
+        return sample_token(
             logits, p,
             context=seq.token_ids if p.repetition_penalty != 1.0 else (),
             output=seq.output_ids if p.presence_penalty or p.frequency_penalty else (),
             banned=banned, generator=seq.generator,
         )
+
+    def _emit(self, seq: Sequence, sample: Sample) -> list[StreamEvent]:
+        """Append the chosen token; the stream events it makes (and the end of the sequence, if it ends)."""
+        p = seq.params
         token = sample.token
         seq.token_ids.append(token)
         self.generation_tokens_total += 1

@@ -29,7 +29,7 @@ except ImportError:  # CPU installs without Triton: the kernel is unavailable, t
     triton = None
     tl = None
 
-NEG_LARGE = -1.0e30  # the running max starts finite, so a tile that sees no key in an iteration stays NaN-free
+# The running max starts at -1e30, not -inf, so a tile that sees no key in an iteration stays NaN-free.
 
 
 def available() -> bool:
@@ -56,6 +56,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
         G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -89,7 +90,7 @@ if triton is not None:
             hi = tl.minimum(hi, lo_s + per * BLOCK_N)
             lo = lo_s
 
-        m_i = tl.full([BLOCK_Q * G_PAD], NEG_LARGE, dtype=tl.float32)
+        m_i = tl.full([BLOCK_Q * G_PAD], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, D], dtype=tl.float32)
         n = tl.arange(0, BLOCK_N)
@@ -99,7 +100,7 @@ if triton is not None:
             block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
             kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
             k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             if window > 0:
                 allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
@@ -109,7 +110,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         heads = kvh * G + g
@@ -132,7 +133,7 @@ if triton is not None:
         sp = tl.arange(0, S_PAD)
         ok = sp < SPLITS
         flat = (sp * n_tokens + t) * n_heads + h
-        m = tl.load(stat_ptr + flat, mask=ok, other=NEG_LARGE)
+        m = tl.load(stat_ptr + flat, mask=ok, other=-1.0e30)
         l = tl.load(stat_ptr + SPLITS * n_tokens * n_heads + flat, mask=ok, other=0.0)
         w = tl.exp(m - tl.max(m, 0))
         d = tl.arange(0, D)
@@ -183,6 +184,7 @@ def paged_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
         num_warps=4 if block_q * g_pad <= 64 else 8, num_stages=2,
     )
     if num_splits > 1:
