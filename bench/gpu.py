@@ -11,7 +11,7 @@ same tensors (q/k rows permuted to its half-split rotary layout, `loading.layout
 Ceilings, measured first: copy bandwidth BW = 2 x bytes / time of a device-to-device copy of a 4 GiB bf16 tensor
 (median of 10); matmul rate R = 2 n^3 / time of an n = 8192 bf16 matmul (mean of 10 after 3 warm-ups).
 
-1. Batch-1 decode, 512-token prompt, 256 new tokens (greedy, ignore_eos), after a warm-up request.
+1. Batch-1 decode, 512-token prompt, 256 new tokens (greedy, ignore_eos), after a warm-up of the same shape.
    Ours: decode tok/s = 255 / (time of last token - time of first); end to end = 256 / (last token - start).
    HF: generate(max_new_tokens=256, min_new_tokens=256, do_sample=False), end to end; decode tok/s =
    255 / (that time - the time of the same generate with max_new_tokens=1).
@@ -30,16 +30,19 @@ Ceilings, measured first: copy bandwidth BW = 2 x bytes / time of a device-to-de
      roofline tok/s = 256 * 256 / (pre-fill time + sum of decode step times)
 3. Long context: one 16384-token prompt (chunks of 4096, max_tokens=1) with the checkpoint's W = 4096 and again
    reloaded with sliding_window=None. Whole pre-fill = wall time of the request. Attention = the sum of CUDA
-   event pairs around every `engine.cache.attend` call (writing the step's k/v, gathering the blocks, SDPA;
-   all layers), measured on a second prompt of the same length so the whole pre-fill is timed unwrapped.
+   event pairs around every call of the paged-attention kernel (`_kernel_attend`), all layers; beside it in the
+   JSON the cache's entry points `attend` / `attend_qkv` (which add the rotary and k/v store), measured on a
+   second prompt of the same length so that the whole pre-fill above is timed unwrapped.
    KV per sequence: peak blocks held (sampled after every BlockManager.allocate) x PagedKVCache.block_bytes,
-   beside the bound max_blocks_per_seq(...) x block_bytes, at 16K and 32K. Decode at a 32K context: a 32768-
-   token prompt then 32 new tokens, ms/token = (last - first token time) / 31.
+   beside the bound max_blocks_per_seq(...) x block_bytes, at 16K and 32K (at 32K also the blocks held in the
+   last decode step, when the pre-fill chunk no longer counts). Decode at a 32K context: a 32768-
+   token prompt then 32 new tokens, ms/token = median gap between successive tokens (mean in the JSON).
 
 Targets (issue): batch-1 >= 90% of floor; throughput >= 70% of roofline and >= 4x HF's best batched generate;
 attention at 16K >= 1.8x faster with W = 4096; KV per sequence bounded by W; 32K decode faster with the window.
 
-Usage (GPU): PYTHONPATH=src python bench/gpu.py --out $OUT/gpu.json [--skip-hf] [--skip-32k] [--no-cuda-graphs]
+Usage (GPU): PYTHONPATH=src python bench/gpu.py --out $OUT/gpu.json [--skip-hf] [--skip-long] [--skip-32k]
+             [--no-cuda-graphs] [--no-compile] [--attention torch|triton] [--checkpoint DIR (kept, reused)]
 CPU smoke test (tiny model, every code path, HF in float32): PYTHONPATH=src python bench/gpu.py --tiny
 """
 
@@ -56,6 +59,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -64,31 +68,27 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from mistral7b.cache.block_manager import max_blocks_per_seq  # noqa: E402
-from mistral7b.cache.paged import PagedKVCache  # noqa: E402
-from mistral7b.config import PRESETS, ModelArgs  # noqa: E402
-from mistral7b.engine.llm import LLM  # noqa: E402
-from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
-from mistral7b.loading import layout  # noqa: E402
+from mistral7b.cache.block_manager import max_blocks_per_seq
+from mistral7b.cache.paged import PagedKVCache
+from mistral7b.config import PRESETS, ModelArgs
+from mistral7b.engine.llm import LLM
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.loading import layout
 
-GPU = dict(prompt=512, new=256, requests=256, hf_batches="32,64,128", long_len=16384, long_chunk=4096,
-           decode_len=32768, decode_tokens=32, copy_mib=4096, matmul_n=8192, warm_new=4)
-TINY = dict(prompt=48, new=16, requests=8, hf_batches="2,4", long_len=256, long_chunk=64, decode_len=512,
-            decode_tokens=8, copy_mib=16, matmul_n=256, warm_new=2, chunk_size=32, max_num_batched_tokens=128)
+GPU = {"prompt": 512, "new": 256, "requests": 256, "hf_batches": "32,64,128", "long_len": 16384,
+       "long_chunk": 4096, "decode_len": 32768, "decode_tokens": 32, "copy_mib": 4096, "matmul_n": 8192, "warm_new": 4}
+TINY = {"prompt": 48, "new": 16, "requests": 8, "hf_batches": "2,4", "long_len": 256, "long_chunk": 64,
+        "decode_len": 512, "decode_tokens": 8, "copy_mib": 16, "matmul_n": 256, "warm_new": 2, "chunk_size": 32,
+        "max_num_batched_tokens": 128}
+TINY_MODEL = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                       vocab_size=256, rope_theta=1e4, sliding_window=32, max_seq_len=8192)
 T0 = time.perf_counter()
 _rid = itertools.count()
 
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
-
-
-def model_args(tiny: bool) -> ModelArgs:
-    if tiny:
-        return ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=160, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-                         vocab_size=256, rope_theta=1e4, sliding_window=32, max_seq_len=8192)
-    return PRESETS["mistral-7b-v0.1"]
 
 
 def sync(device: torch.device) -> None:
@@ -131,34 +131,27 @@ def write_checkpoint(folder: str, args: ModelArgs, device: torch.device, dtype: 
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> list[float]:
-    """Seconds of each of `reps` calls (CUDA events on a GPU)."""
+    """Seconds of each of `reps` calls (synchronized)."""
     out = []
     for _ in range(reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
     return out
 
 
 def ceilings(device: torch.device, dtype: torch.dtype, copy_mib: int, n: int) -> dict:
+    """Copy bandwidth (read + write bytes, median of 10) and matmul rate (n^3, mean of 10 after 3)."""
     src = torch.ones(copy_mib * 2**20 // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    timed(lambda: dst.copy_(src), device, 2)
-    bw = 2 * src.numel() * 2 / statistics.median(timed(lambda: dst.copy_(src), device, 10))
-    del src, dst
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    timed(lambda: a @ b, device, 3)
-    rate = 2 * n**3 / statistics.mean(timed(lambda: a @ b, device, 10))
-    return {"copy_bandwidth_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12, "copy_bytes": copy_mib * 2**20,
-            "matmul_n": n}
+    copy = timed(lambda: dst.copy_(src), device, 12)[2:]
+    src = dst = torch.empty(0)  # free the copy buffers before the matmul
+    x, y = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    mm = timed(lambda: x @ y, device, 13)[3:]
+    return {"copy_bandwidth_GBps": 2 * copy_mib * 2**20 / statistics.median(copy) / 1e9,
+            "matmul_TFLOPs": 2 * n**3 / statistics.mean(mm) / 1e12, "copy_bytes": copy_mib * 2**20, "matmul_n": n}
 
 
 def weight_counts(args: ModelArgs) -> tuple[int, int]:
@@ -188,10 +181,11 @@ def roofline(args: ModelArgs, n_req: int, prompt: int, new: int, rate: float, bw
 
 
 def engine_options(a: argparse.Namespace) -> dict[str, Any]:
-    """cuda_graphs / compile only where EngineConfig has them: on unless --no-..., off on a CPU."""
-    opts: dict[str, Any] = {}
+    """cuda_graphs / compile only where EngineConfig has them: on unless --no-..., off on a CPU; --attention."""
+    fields = EngineConfig.__dataclass_fields__
+    opts: dict[str, Any] = {"attention": a.attention} if a.attention and "attention" in fields else {}
     for key, off in (("cuda_graphs", a.no_cuda_graphs), ("compile", a.no_compile)):
-        if key in EngineConfig.__dataclass_fields__:
+        if key in fields:
             opts[key] = not off and a.device == "cuda"
         elif off:
             log(f"note: EngineConfig has no {key!r} field; --no-{key.replace('_', '-')} ignored")
@@ -230,53 +224,63 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
+def mark(device: torch.device) -> Any:
+    """A point in time on `device`'s stream: a recorded CUDA event, or perf_counter on a CPU (synchronous)."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class AttentionTimer:
-    """Wraps `cache.attend` (an instance attribute shadowing the method) with timing; `remove` restores it."""
+    """Times every call of the cache's attention entry points, `attend` and (the GPU kernel path, from the fused
+    projection: rotary + k/v store + attention) `attend_qkv`, each shadowed by an instance attribute; and
+    separately the paged-attention kernel alone (`_kernel_attend`, called by both on the kernel path)."""
 
     def __init__(self, cache: PagedKVCache):
-        self.cache, self.cuda = cache, cache.device.type == "cuda"
-        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.cpu_s = 0.0
-        inner = cache.attend
+        self.cache, self.spans, self.kernel_spans = cache, [], []
+        self.names = [n for n in ("attend", "attend_qkv") if hasattr(cache, n)]
+        for name in self.names:
+            setattr(cache, name, self._wrap(getattr(cache, name), self.spans))
+        if hasattr(cache, "_kernel_attend"):
+            self.names.append("_kernel_attend")
+            cache._kernel_attend = self._wrap(cache._kernel_attend, self.kernel_spans)
 
+    def _wrap(self, inner: Callable[..., torch.Tensor], spans: list) -> Callable[..., torch.Tensor]:
         @torch.compiler.disable
-        def attend(*args: Any, **kw: Any) -> torch.Tensor:
-            if self.cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = inner(*args, **kw)
-                e.record()
-                self.pairs.append((s, e))
-                return out
-            t = time.perf_counter()
+        def timed_call(*args: Any, **kw: Any) -> torch.Tensor:
+            start = mark(self.cache.device)
             out = inner(*args, **kw)
-            self.cpu_s += time.perf_counter() - t
+            spans.append((start, mark(self.cache.device)))
             return out
 
-        cache.attend = attend  # type: ignore[method-assign]
+        return timed_call
 
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.cache.device)
-        return self.cpu_s + sum(s.elapsed_time(e) for s, e in self.pairs) / 1e3
+    def seconds(self, kernel_only: bool = False) -> float:
+        """Entry points' time (k/v store, rotary on the kernel path, attention); with kernel_only the attention
+        kernel alone, where it ran (else the entry points' time)."""
+        sync(self.cache.device)
+        spans = self.kernel_spans if kernel_only and self.kernel_spans else self.spans
+        return sum(e - s if isinstance(s, float) else s.elapsed_time(e) / 1e3 for s, e in spans)
 
     def remove(self) -> None:
-        del self.cache.attend
+        for name in self.names:
+            delattr(self.cache, name)
 
 
-class PeakBlocks:
-    """Most blocks referenced at once, sampled after every BlockManager.allocate."""
+def track_peak_blocks(blocks: Any) -> dict[str, int]:
+    """Blocks referenced, sampled after every BlockManager.allocate: {"peak": the most (reset by hand), "last"}."""
+    state, inner = {"peak": 0, "last": 0}, blocks.allocate
 
-    def __init__(self, blocks: Any):
-        self.blocks, self.peak = blocks, 0
-        inner = blocks.allocate
+    def allocate(seq: Any, n: int) -> bool:
+        ok = inner(seq, n)
+        state["last"] = blocks.num_blocks - blocks.num_free
+        state["peak"] = max(state["peak"], state["last"])
+        return ok
 
-        def allocate(seq: Any, n: int) -> bool:
-            ok = inner(seq, n)
-            self.peak = max(self.peak, blocks.num_blocks - blocks.num_free)
-            return ok
-
-        blocks.allocate = allocate
+    blocks.allocate = allocate
+    return state
 
 
 def ours_decode_and_throughput(folder: str, a: argparse.Namespace, vocab: int) -> dict:
@@ -284,7 +288,7 @@ def ours_decode_and_throughput(folder: str, a: argparse.Namespace, vocab: int) -
                    chunk=a.chunk_size, batched_tokens=a.max_num_batched_tokens)
     eng = llm.engine
     log(f"ours loaded: {eng.cache.num_blocks} KV blocks of {eng.config.block_size}, options {engine_options(a)}")
-    drive(eng, random_prompts(1, a.prompt, vocab, 1), greedy(16))
+    drive(eng, random_prompts(1, a.prompt, vocab, 1), greedy(a.new))  # warm-up of the same shape (kernels, graphs)
     (toks,), t0, _ = drive(eng, [a.decode_prompt], greedy(a.new))
     times = [t for t, _ in toks]
     b1 = {"decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "e2e_tok_s": len(times) / (times[-1] - t0),
@@ -311,23 +315,28 @@ def long_context(folder: str, a: argparse.Namespace, args: ModelArgs, windowed: 
     eng, vocab, W = llm.engine, args.vocab_size, llm.args.sliding_window
     bs = eng.config.block_size
     block_bytes = PagedKVCache.block_bytes(llm.args, bs, llm.model.dtype)
-    peak = PeakBlocks(eng.blocks)
-    drive(eng, random_prompts(1, 2 * a.long_chunk, vocab, 10), greedy(1))  # warm-up: chunk-sized steps
-    peak.peak = 0
+    peak = track_peak_blocks(eng.blocks)
+    drive(eng, random_prompts(1, 2 * a.long_chunk, vocab, 10), greedy(4))  # warm-up: chunk-sized steps, decode
+    peak["peak"] = 0
     _, t0, t1 = drive(eng, random_prompts(1, a.long_len, vocab, 11), greedy(1))
-    out = {"window": W, "prefill_s": t1 - t0, "kv_peak_MiB_16k": peak.peak * block_bytes / 2**20,
+    out = {"window": W, "prefill_s": t1 - t0, "kv_peak_MiB_16k": peak["peak"] * block_bytes / 2**20,
            "kv_bound_MiB_16k": max_blocks_per_seq(a.long_len, a.long_chunk, bs, W) * block_bytes / 2**20,
-           "kv_bound_MiB_32k": max_blocks_per_seq(a.decode_len, a.long_chunk, bs, W) * block_bytes / 2**20}
+           "kv_bound_MiB_32k": max_blocks_per_seq(a.decode_len + a.decode_tokens, a.long_chunk, bs, W) * block_bytes
+           / 2**20}
     timer = AttentionTimer(eng.cache)
     _, t0, t1 = drive(eng, random_prompts(1, a.long_len, vocab, 12), greedy(1))
-    out.update(attention_s=timer.seconds(), prefill_timed_pass_s=t1 - t0, attention_calls=len(timer.pairs) or None)
+    out.update(attention_s=timer.seconds(kernel_only=True), attention_with_store_s=timer.seconds(),
+               prefill_timed_pass_s=t1 - t0, attention_calls=len(timer.spans),
+               attention_entry_points=timer.names)
     timer.remove()
     log(f"long W={W}: pre-fill {out['prefill_s']:.3f} s, attention {out['attention_s']:.3f} s")
     if not a.skip_32k:
-        peak.peak = 0
+        peak["peak"] = 0
         (toks,), t0, _ = drive(eng, random_prompts(1, a.decode_len, vocab, 13), greedy(a.decode_tokens))
-        out.update(decode_ms_32k=1e3 * (toks[-1][0] - toks[0][0]) / (len(toks) - 1), prefill_s_32k=toks[0][0] - t0,
-                   kv_peak_MiB_32k=peak.peak * block_bytes / 2**20)
+        gaps = [y[0] - x[0] for x, y in itertools.pairwise(toks)]  # median: robust to a one-off graph capture
+        out.update(decode_ms_32k=1e3 * statistics.median(gaps), decode_ms_32k_mean=1e3 * statistics.mean(gaps),
+                   prefill_s_32k=toks[0][0] - t0, kv_peak_MiB_32k=peak["peak"] * block_bytes / 2**20,
+                   kv_decode_MiB_32k=peak["last"] * block_bytes / 2**20)  # held in the last decode step
         log(f"long W={W}: 32K decode {out['decode_ms_32k']:.2f} ms/token")
     del llm, eng, peak, timer
     free()
@@ -405,166 +414,153 @@ def hf_peer(args: ModelArgs, a: argparse.Namespace, device: torch.device, dtype:
 
 
 def device_info(device: torch.device) -> dict:
-    info: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
-                            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        info["transformers"] = __import__("transformers").__version__
-    except Exception as e:  # noqa: BLE001
-        info["transformers"] = f"unavailable ({e})"
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
 
 
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("met" if ok else "NOT met")
+def targets(r: dict) -> dict[str, dict]:
+    ours, hf, lc = r.get("ours"), r.get("hf"), r.get("long", {})
+    best_hf = max((h["output_tok_s"] for h in (hf or {}).get("batched", []) if "output_tok_s" in h), default=None)
+    tp = ours and ours["throughput"]["output_tok_s"]
+    w, nw = lc.get("window") or {}, lc.get("no_window") or {}
+    w32 = w.get("kv_peak_MiB_32k")
+    rows = [  # (name, value, passes, format)
+        ("batch-1 decode / floor >= 90%", ours and ours["batch1"]["decode_tok_s"] / r["floor_tok_s"],
+         lambda v: v >= 0.9, "{:.1%}"),
+        ("throughput / roofline >= 70%", tp and tp / r["roofline"]["tok_s"], lambda v: v >= 0.7, "{:.1%}"),
+        ("throughput / HF best batched >= 4x", tp and best_hf and tp / best_hf, lambda v: v >= 4, "{:.2f}x"),
+        ("attention at 16K, no window / W >= 1.8x", w and nw and nw["attention_s"] / w["attention_s"],
+         lambda v: v >= 1.8, "{:.2f}x"),
+        ("whole pre-fill at 16K, no window / W (reported)", w and nw and nw["prefill_s"] / w["prefill_s"],
+         None, "{:.2f}x"),
+        ("KV per sequence with W at 32K <= bound and <= at 16K (MiB)", w32,
+         lambda v: v <= w["kv_bound_MiB_32k"] and v <= w["kv_peak_MiB_16k"] * 1.01, "{:,.0f}"),
+        ("KV per sequence at 32K, no window / W: peak", w32 and nw.get("kv_peak_MiB_32k", 0) / w32, None, "{:.2f}x"),
+        ("KV per sequence at 32K, no window / W: while decoding (paper: 8x)", w.get("kv_decode_MiB_32k") and
+         nw.get("kv_decode_MiB_32k", 0) / w["kv_decode_MiB_32k"], None, "{:.2f}x"),
+        ("decode at 32K, no window / W > 1", w.get("decode_ms_32k") and nw.get("decode_ms_32k")
+         and nw["decode_ms_32k"] / w["decode_ms_32k"], lambda v: v > 1, "{:.2f}x"),
+    ]
+    return {name: {"value": None if not v else fmt.format(v), "ok": None if not v or ok is None else bool(ok(v))}
+            for name, v, ok, fmt in rows}
 
 
 def report(r: dict, a: argparse.Namespace) -> list[str]:
     c, ours, hf, lc = r["ceilings"], r.get("ours"), r.get("hf"), r.get("long", {})
-    floor = r["floor_tok_s"]
-    lines = [f"ceilings: copy {c['copy_bandwidth_GBps']:,.0f} GB/s, matmul {c['matmul_TFLOPs']:,.1f} TFLOP/s; "
-             f"weights read per token {r['weight_bytes'] / 1e9:.2f} GB -> batch-1 floor {floor:,.1f} tok/s; "
-             f"throughput roofline {r['roofline']['tok_s']:,.0f} tok/s", "",
-             "| batch-1 (512 in, 256 out) | decode tok/s | % of floor | end-to-end tok/s |", "|---|---|---|---|"]
-    for name, res in (("mistral7b (ours)", ours and ours["batch1"]), ("HF transformers", hf and hf["batch1"])):
-        if res:
-            lines.append(f"| {name} | {res['decode_tok_s']:,.1f} | {100 * res['decode_tok_s'] / floor:.0f}% "
-                         f"| {res['e2e_tok_s']:,.1f} |")
+    floor, roof, nan = r["floor_tok_s"], r["roofline"]["tok_s"], float("nan")
+    lines = [(f"ceilings: copy {c['copy_bandwidth_GBps']:,.0f} GB/s, matmul {c['matmul_TFLOPs']:,.1f} TFLOP/s; "
+              f"{r['weight_bytes'] / 1e9:.2f} GB of weights a token -> batch-1 floor {floor:,.1f} tok/s; "
+              f"throughput roofline {roof:,.0f} tok/s"), "",
+             f"| batch 1 ({a.prompt} in, {a.new} out) | decode tok/s | % of floor | end-to-end tok/s |",
+             "|---|---|---|---|"]
+    for name, b1 in (("mistral7b (ours)", ours and ours["batch1"]), ("HF transformers", hf and hf["batch1"])):
+        if b1:
+            d = b1["decode_tok_s"]
+            lines.append(f"| {name} | {d:,.1f} | {d / floor:.0%} | {b1['e2e_tok_s']:,.1f} |")
     lines += ["", f"| {a.requests} requests, {a.prompt} in / {a.new} out | output tok/s | % of roofline | "
-              "TTFT mean / median s | TPOT mean / median ms |", "|---|---|---|---|---|"]
-    roof = r["roofline"]["tok_s"]
+              + "TTFT mean / median s | TPOT mean / median ms |", "|---|---|---|---|---|"]
     if ours:
         t = ours["throughput"]
-        lines.append(f"| mistral7b (ours) | {t['output_tok_s']:,.0f} | {100 * t['output_tok_s'] / roof:.0f}% | "
-                     f"{t['ttft_mean_s']:.2f} / {t['ttft_median_s']:.2f} | {t['tpot_mean_ms']:.1f} / "
-                     f"{t['tpot_median_ms']:.1f} |")
+        lines.append(f"| mistral7b (ours) | {t['output_tok_s']:,.0f} | {t['output_tok_s'] / roof:.0%} | "
+                     f"{t['ttft_mean_s']:.2f} / {t['ttft_median_s']:.2f} | "
+                     f"{t['tpot_mean_ms']:.1f} / {t['tpot_median_ms']:.1f} |")
     for h in (hf or {}).get("batched", []):
         if "output_tok_s" in h:
-            lines.append(f"| HF generate, batch {h['batch']} (1 call timed, x{a.requests / h['batch']:g} "
-                         f"extrapolated) | {h['output_tok_s']:,.0f} | {100 * h['output_tok_s'] / roof:.0f}% | - | - |")
-    lines += ["", f"| long context (chunks of {a.long_chunk}) | pre-fill {a.long_len} s | attention s | "
-              "KV MiB/seq peak 16K (bound) | KV MiB/seq peak 32K (bound) | decode @32K ms/token |",
-              "|---|---|---|---|---|---|"]
-    for key in ("window", "no_window"):
-        if key in lc:
-            x = lc[key]
+            lines.append(f"| HF generate, batch {h['batch']} (1 call timed, for {a.requests / h['batch']:g} calls) "
+                         f"| {h['output_tok_s']:,.0f} | {h['output_tok_s'] / roof:.0%} | - | - |")
+    lines += ["", f"| long context (chunks of {a.long_chunk}) | pre-fill {a.long_len} s | attention s | KV MiB/seq "
+              + f"at {a.long_len} (bound) | at {a.decode_len}+{a.decode_tokens} (bound) | decode ms/token at "
+              + f"{a.decode_len} |", "|---|---|---|---|---|---|"]
+    for x in (lc.get("window"), lc.get("no_window")):
+        if x:
             lines.append(f"| W = {x['window']} | {x['prefill_s']:.3f} | {x['attention_s']:.3f} | "
-                         f"{x['kv_peak_MiB_16k']:,.0f} ({x['kv_bound_MiB_16k']:,.0f}) | "
-                         f"{x.get('kv_peak_MiB_32k', float('nan')):,.0f} ({x['kv_bound_MiB_32k']:,.0f}) | "
-                         f"{x.get('decode_ms_32k', float('nan')):.2f} |")
-    t = r["targets"]
-    lines += ["", "targets:"] + [f"- {k}: {v['value']} -> {verdict(v['ok'])}" for k, v in t.items()]
-    return lines
-
-
-def targets(r: dict) -> dict:
-    ours, hf, lc = r.get("ours"), r.get("hf"), r.get("long", {})
-    best_hf = max((h["output_tok_s"] for h in (hf or {}).get("batched", []) if "output_tok_s" in h), default=None)
-    out: dict[str, dict] = {}
-
-    def put(key: str, value: float | None, ok: Callable[[float], bool], fmt: str) -> None:
-        out[key] = {"value": None if value is None else fmt.format(value), "ok": None if value is None else ok(value)}
-
-    put("batch-1 decode / floor >= 90%", ours and ours["batch1"]["decode_tok_s"] / r["floor_tok_s"],
-        lambda v: v >= 0.9, "{:.1%}")
-    tp = ours and ours["throughput"]["output_tok_s"]
-    put("throughput / roofline >= 70%", tp and tp / r["roofline"]["tok_s"], lambda v: v >= 0.7, "{:.1%}")
-    put("throughput / HF best batched >= 4x", tp and best_hf and tp / best_hf, lambda v: v >= 4, "{:.2f}x")
-    w, nw = lc.get("window"), lc.get("no_window")
-    put("attention at 16K, no window / window >= 1.8x", w and nw and nw["attention_s"] / w["attention_s"],
-        lambda v: v >= 1.8, "{:.2f}x")
-    put("whole pre-fill at 16K, no window / window (reported)", w and nw and nw["prefill_s"] / w["prefill_s"],
-        lambda v: True, "{:.2f}x")
-    if w and "kv_peak_MiB_32k" in w:
-        put("KV per sequence with W: peak at 32K <= bound, same as at 16K", w["kv_peak_MiB_32k"],
-            lambda v: v <= w["kv_bound_MiB_32k"] and v <= w["kv_peak_MiB_16k"] * 1.01, "{:,.0f} MiB")
-    if w and nw and "decode_ms_32k" in w and "decode_ms_32k" in nw:
-        put("decode at 32K, no window / window > 1", nw["decode_ms_32k"] / w["decode_ms_32k"], lambda v: v > 1,
-            "{:.2f}x")
-    return out
+                         f"{x['kv_peak_MiB_16k']:,.1f} ({x['kv_bound_MiB_16k']:,.1f}) | "
+                         f"{x.get('kv_peak_MiB_32k', nan):,.1f} ({x['kv_bound_MiB_32k']:,.1f}) | "
+                         f"{x.get('decode_ms_32k', nan):.2f} |")
+    verdict = {None: "-", True: "met", False: "NOT met"}
+    return lines + ["", "targets:"] + [f"- {k}: {v['value']} -> {verdict[v['ok']]}" for k, v in r["targets"].items()]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer dim-64 model on the CPU (smoke test of the script)")
-    p.add_argument("--out", default=None, help="JSON file (default bench/data/gpu_<date>.json)")
-    p.add_argument("--checkpoint", default=None, help="reuse this native checkpoint folder instead of writing one")
-    p.add_argument("--workdir", default=None, help="where to write the random checkpoint (default: a temp folder)")
+    p.add_argument("--out", default=None, help="JSON file (default bench/data/gpu_<date>.json; --tiny: in /tmp)")
+    p.add_argument("--checkpoint", default=None, help="native checkpoint folder: reused if it has params.json, "
+                   "else the random one is written there and kept (default: a temp folder, deleted at the end)")
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--hf-batches", default=None, help="HF generate batch sizes (default 32,64,128)")
     p.add_argument("--long-chunk", type=int, default=None, help="pre-fill chunk of the long-context runs (4096)")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--skip-long", action="store_true")
-    p.add_argument("--skip-32k", action="store_true", help="no 32K-context decode in the long-context runs")
-    p.add_argument("--no-cuda-graphs", action="store_true")
-    p.add_argument("--no-compile", action="store_true")
+    for flag in ("--skip-hf", "--skip-long", "--skip-32k", "--no-cuda-graphs", "--no-compile"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("--attention", default=None, help="EngineConfig.attention where it exists (auto, torch, triton)")
     a = p.parse_args()
     for key, value in (TINY if a.tiny else GPU).items():
         if a.tiny or getattr(a, key, None) is None:
             setattr(a, key, value)
-    a.device = "cpu" if a.tiny else "cuda"
-    a.dtype = "float32" if a.tiny else "bfloat16"
+    a.device, a.dtype = ("cpu", "float32") if a.tiny else ("cuda", "bfloat16")
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    args = TINY_MODEL if a.tiny else PRESETS["mistral-7b-v0.1"]
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --tiny for the CPU smoke test")
-    args = model_args(a.tiny)
-    info = device_info(device)
-    log("device: " + json.dumps(info))
-    r: dict[str, Any] = {"device": info, "model": args.to_dict(), "settings": {k: v for k, v in vars(a).items()},
+    out = a.out or (os.path.join(tempfile.gettempdir(), "gpu_bench_tiny.json") if a.tiny else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "data", f"gpu_{datetime.date.today().isoformat()}.json"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    r: dict[str, Any] = {"device": device_info(device), "model": args.to_dict(), "settings": dict(vars(a)),
                          "engine_options": engine_options(a), "errors": []}
+    log("device: " + json.dumps(r["device"]))
 
-    r["ceilings"] = ceilings(device, dtype, a.copy_mib, a.matmul_n)
-    bw, rate = r["ceilings"]["copy_bandwidth_GBps"] * 1e9, r["ceilings"]["matmul_TFLOPs"] * 1e12
+    def save() -> None:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=2)
+
+    def section(name: str, fn: Callable[[], dict]) -> dict | None:
+        """Run one part; an exception is recorded (the other parts still run); the JSON is rewritten after each."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            r["errors"].append(f"{name}: {type(e).__name__}: {e}")
+            free()
+            return None
+        finally:
+            save()
+
+    r["ceilings"] = c = ceilings(device, dtype, a.copy_mib, a.matmul_n)
+    bw, rate = c["copy_bandwidth_GBps"] * 1e9, c["matmul_TFLOPs"] * 1e12
     itemsize = torch.empty(0, dtype=dtype).element_size()
     r["weight_bytes"] = weight_counts(args)[0] * itemsize
     r["floor_tok_s"] = bw / r["weight_bytes"]
     r["roofline"] = roofline(args, a.requests, a.prompt, a.new, rate, bw, itemsize)
-    log(f"ceilings: {json.dumps(r['ceilings'])}; floor {r['floor_tok_s']:.1f} tok/s, roofline "
-        f"{r['roofline']['tok_s']:,.0f} tok/s")
-
-    folder, tmp = a.checkpoint, None
-    if folder is None:
-        tmp = folder = tempfile.mkdtemp(prefix="mistral7b_gpu_bench_", dir=a.workdir)
-        r["checkpoint_writer"] = write_checkpoint(folder, args, device, dtype)
-        log(f"checkpoint written to {folder} ({r['checkpoint_writer']})")
-    a.decode_prompt = random_prompts(1, a.prompt, args.vocab_size, 0)[0]
-    sections: list[tuple[str, Callable[[], Any]]] = [("ours", lambda: ours_decode_and_throughput(folder, a, args.vocab_size))]
-    if not a.skip_hf:
-        sections.append(("hf", lambda: hf_peer(args, a, device, dtype)))
-    if not a.skip_long:
-        sections += [("long.window", lambda: long_context(folder, a, args, True)),
-                     ("long.no_window", lambda: long_context(folder, a, args, False))]
+    log(f"ceilings: {json.dumps(c)}; floor {r['floor_tok_s']:.1f} tok/s, roofline {r['roofline']['tok_s']:,.0f} tok/s")
+    folder = a.checkpoint or tempfile.mkdtemp(prefix="mistral7b_gpu_bench_")
     try:
-        for name, run in sections:
-            try:
-                value = run()
-            except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
-                import traceback
-
-                traceback.print_exc()
-                r["errors"].append(f"{name}: {type(e).__name__}: {e}")
-                free()
-                continue
-            if name.startswith("long."):
-                r.setdefault("long", {})[name[5:]] = value
-            else:
-                r[name] = value
+        if os.path.isfile(os.path.join(folder, "params.json")):
+            log(f"reusing the checkpoint in {folder}")
+        else:
+            r["checkpoint_writer"] = write_checkpoint(folder, args, device, dtype)
+            log(f"checkpoint written to {folder} ({r['checkpoint_writer']})")
+        a.decode_prompt = random_prompts(1, a.prompt, args.vocab_size, 0)[0]
+        r["ours"] = section("ours", lambda: ours_decode_and_throughput(folder, a, args.vocab_size))
+        r["hf"] = None if a.skip_hf else section("hf", lambda: hf_peer(args, a, device, dtype))
+        r["long"] = {} if a.skip_long else {
+            key: section(f"long {key}", lambda w=w: long_context(folder, a, args, w))
+            for key, w in (("window", True), ("no_window", False))}
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if r.get("ours") and r.get("hf"):
+        if not a.checkpoint:
+            shutil.rmtree(folder, ignore_errors=True)
+    if r["ours"] and r["hf"]:
         r["greedy_first16_agree"] = r["ours"]["batch1"]["first_ids"] == r["hf"]["batch1"]["first_ids"]
     r["targets"] = targets(r)
     r["total_s"] = time.perf_counter() - T0
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                                f"gpu_{datetime.date.today().isoformat()}{'_tiny' if a.tiny else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(r, f, indent=2)
+    save()
     print("\n" + "\n".join(report(r, a) + [f"greedy first 16 tokens ours == HF: {r.get('greedy_first16_agree')}"]
                            + r["errors"] + [f"total {r['total_s']:.0f} s; JSON: {out}"]), flush=True)
 

@@ -93,3 +93,39 @@ def test_rotary_store_equals_pytorch() -> None:
     untouched = torch.ones(H_kv * num_blocks * bs, dtype=torch.bool).view(H_kv, -1)
     untouched[:, slots] = False
     assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_and_silu_mul_equal_pytorch(dtype) -> None:
+    from mistral7b.kernels.norms import add_rms_norm, silu_mul
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    delta = torch.randn(5, 96, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    residual, normed = add_rms_norm(x, delta, w, 1e-5)
+    want_res = x + delta
+    # Exact in float32; in bfloat16 Triton's interpreter rounds the cast differently from a GPU (1 ulp).
+    exact = dict(rtol=0, atol=0) if dtype == torch.float32 else {}
+    torch.testing.assert_close(residual, want_res, **exact)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(want_res, (96,), w, 1e-5))
+    same, normed_x = add_rms_norm(x, None, w, 1e-5)
+    assert torch.equal(same, x)
+    torch.testing.assert_close(normed_x, torch.nn.functional.rms_norm(x, (96,), w, 1e-5))
+    gate_up = torch.randn(3, 2 * 1100, generator=g).to(dtype)  # more than one column block
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("window", [None, 64, 100, 150])
+@pytest.mark.parametrize("block_q", [4, 16])
+def test_long_prefill_tiles_with_unmasked_key_blocks(window: int | None, block_q: int) -> None:
+    """Contexts long enough that tiles have key blocks inside every row's window and causal range (the loop
+    that skips the mask), with tiles that straddle the window's edge and the diagonal."""
+    lens_new, lens_total = [70, 1, 33], [260, 150, 97]
+    q, k, v, tables, seq_lens, query_start = _case(lens_new, lens_total, 8, 2, window, block_size=16, seed=5)
+    want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, window)
+    seqs, firsts = pa.query_tiles(lens_new, block_q)
+    got = pa.paged_attention(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
+                             torch.tensor(firsts, dtype=torch.int32), window, block_q)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

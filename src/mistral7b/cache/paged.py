@@ -30,7 +30,7 @@ from mistral7b.model.attention import window_mask
 from mistral7b.model.rope import inv_frequencies
 
 DECODE_ROWS = 16  # rows of the kernel's matrix product for decode tiles: queries x padded group heads
-PREFILL_ROWS = 128
+PREFILL_ROWS = 64  # 16 queries x 4 heads for Mistral: the fastest of a sweep on an H200 (bench/README.md)
 
 
 @dataclass

@@ -9,7 +9,8 @@ each key block is loaded once for its whole group.
 
 Decode steps with few sequences cannot fill the GPU with one program per (sequence, KV head); `num_splits`
 then divides each sequence's key range over several programs that write partial results (running max, sum
-and unnormalised output), merged by a second small kernel (flash-decoding).
+and unnormalised output), merged by a second small kernel (flash-decoding). Pre-fill tiles run their
+key blocks that need no mask (inside every row's window and causal range) without one.
 
 The launch is fixed-shape given (tiles, splits), so a decode step can be captured in a CUDA graph: nothing
 here reads a value back to the host. `reference_paged_attention` is the same computation in PyTorch, the
@@ -47,6 +48,32 @@ def query_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[in
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
+                     stride_bt, stride_kh, stride_kb, stride_ks, scale_log2,
+                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """One block of BLOCK_N keys from `start` into the running (acc, max, sum); scores in base 2."""
+        k_pos = start + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, D)
+        k_ok = k_pos < hi
+        block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+        kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
+        k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+            if window > 0:
+                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, m_new, l_i
 
     @triton.jit
     def _paged_attention_kernel(
@@ -93,25 +120,31 @@ if triton is not None:
         m_i = tl.full([BLOCK_Q * G_PAD], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, D], dtype=tl.float32)
-        n = tl.arange(0, BLOCK_N)
-        for start in range(lo, hi, BLOCK_N):
-            k_pos = start + n
-            k_ok = k_pos < hi
-            block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
-            kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
-            k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        scale_log2 = scale * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+        if SPLITS == 1:
+            # Key blocks every row of the tile may see (no mask): after the window's edge for the last query,
+            # up to the first query's own position. Masked blocks before and after.
+            full_lo = lo
             if window > 0:
-                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+                full_lo = tl.maximum(tl.cdiv(last_pos - window + 1, BLOCK_N) * BLOCK_N, lo)
+            full_hi = tl.maximum((first_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
+            for start in range(lo, full_lo, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
+                                             block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION)
+            for start in range(full_lo, full_hi, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
+                                             block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, False, PRECISION)
+            for start in range(full_hi, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
+                                             block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION)
+        else:
+            for start in range(lo, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
+                                             block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION)
 
         heads = kvh * G + g
         if SPLITS == 1:
@@ -135,7 +168,7 @@ if triton is not None:
         flat = (sp * n_tokens + t) * n_heads + h
         m = tl.load(stat_ptr + flat, mask=ok, other=-1.0e30)
         l = tl.load(stat_ptr + SPLITS * n_tokens * n_heads + flat, mask=ok, other=0.0)
-        w = tl.exp(m - tl.max(m, 0))
+        w = tl.exp2(m - tl.max(m, 0))  # the maxima are of base-2 scores
         d = tl.arange(0, D)
         acc = tl.load(part_ptr + flat[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.maximum(tl.sum(l * w, 0), 1e-30)
@@ -155,6 +188,9 @@ def paged_attention(
     block_q: int,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Attention of the new tokens q [N, H, D] over the paged pool k/v [H_kv, num_blocks, block_size, D].
 
@@ -172,7 +208,7 @@ def paged_attention(
     tiles = tile_seq.shape[0]
     if tiles == 0:
         return out
-    block_n = 64 if block_q * g_pad >= 64 else 32
+    block_n = block_n or (64 if block_q * g_pad >= 64 else 32)
     part = stats = out
     if num_splits > 1:
         part = torch.empty((num_splits, N, H, D), dtype=torch.float32, device=q.device)
@@ -185,7 +221,7 @@ def paged_attention(
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
-        num_warps=4 if block_q * g_pad <= 64 else 8, num_stages=2,
+        num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8), num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_kernel[(N, H)](part, stats, out, N, H, out.stride(0), out.stride(1), SPLITS=num_splits,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.config import ModelArgs
+from mistral7b.kernels.norms import add_rms_norm, silu_mul
 from mistral7b.model.attention import AttentionMetadata, dense_attention
 from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
@@ -152,8 +153,29 @@ class Transformer(nn.Module):
         freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
         # The residual stream runs in the norms' dtype (embeddings may be stored narrower when quantized).
         h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)
+        if getattr(meta, "kernel", None) is not None and all(
+                layer.attention.wqkv is not None and layer.feed_forward.w13 is not None for layer in self.layers):
+            return self._forward_fused(h, freqs, meta, cache, logits_index)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, cache, i)
         if logits_index is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
         return self.output(self.norm(h)).float()
+
+    def _forward_fused(self, h: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None,
+                       logits_index: torch.Tensor | None) -> torch.Tensor:
+        """The same blocks on the GPU kernel path: each residual add is fused into the RMSNorm after it
+        (kernels/norms.py), and SwiGLU's product is one kernel; the results equal the plain loop's."""
+        eps = self.args.norm_eps
+        residual, delta = h, None
+        for i, layer in enumerate(self.layers):
+            residual, x = add_rms_norm(residual, delta, layer.attention_norm.weight, eps)
+            attn = layer.attention(x, freqs, meta, cache, i)
+            residual, x = add_rms_norm(residual, attn, layer.ffn_norm.weight, eps)
+            ff = layer.feed_forward
+            delta = ff.w2(silu_mul(ff.w13(x)))  # type: ignore[misc]
+        if logits_index is not None:
+            residual = residual.reshape(-1, residual.shape[-1]).index_select(0, logits_index)
+            delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)  # type: ignore[union-attr]
+        _, normed = add_rms_norm(residual, delta, self.norm.weight, eps)
+        return self.output(normed).float()
