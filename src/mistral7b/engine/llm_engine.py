@@ -203,7 +203,11 @@ class LLMEngine:
         chosen: list[Sample | None] = [None] * len(ready)
         plain = [i for i, (seq, _) in enumerate(ready) if self._plain(seq)]
         if plain:
-            rows = logits.index_select(0, torch.tensor([ready[i][1] for i in plain], device=logits.device))
+            picked = [ready[i][1] for i in plain]
+            if picked == list(range(picked[0], picked[0] + len(picked))):  # a decode step: rows in order
+                rows = logits[picked[0] : picked[0] + len(picked)]
+            else:
+                rows = logits.index_select(0, torch.tensor(picked, device=logits.device))
             tokens = rows.argmax(-1)
             logprobs = None
             if any(ready[i][0].params.logprobs for i in plain):
