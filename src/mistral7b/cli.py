@@ -45,6 +45,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
 
 
+def add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over N processes (GPUs with --device cuda); under torchrun N = its "
+                        "--nproc-per-node, else the N - 1 workers are started here")
+
+
 def _sampling_options(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -73,7 +79,8 @@ def _llm(a: argparse.Namespace, **extra: Any):
         raise RequestError(f"--chunk-size must be a positive integer, got {a.chunk_size}")
     return LLM(a.model, dtype=a.dtype, device=a.device, chunk_size=a.chunk_size, sliding_window=a.sliding_window,
                progress=not a.quiet, lora=getattr(a, "lora", None),
-               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads, **extra)
+               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads,
+               tensor_parallel_size=getattr(a, "tensor_parallel_size", 1), **extra)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a model (interactive, streaming)")
     _model_options(p)
+    add_parallel_option(p)
     _sampling_options(p, temperature=0.7, max_tokens=512)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--safe-prompt", action="store_true", help="prepend the paper's guardrail system prompt")
@@ -226,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt")
     _model_options(p)
+    add_parallel_option(p)
     _sampling_options(p, temperature=0.0, max_tokens=64)
     p.add_argument("--prompt", help="prompt text (BOS is added as the tokenizer says)")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")

@@ -17,11 +17,12 @@ from mistral7b.errors import RequestError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mistral7b.cli import _model_options
+    from mistral7b.cli import _model_options, add_parallel_option
     from mistral7b.moderation.chat import add_chat_options
 
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
     _model_options(p)
+    add_parallel_option(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)

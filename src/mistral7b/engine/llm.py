@@ -6,6 +6,7 @@ It owns the loaded model, its tokenizer and an `LLMEngine` (the same engine the 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import itertools
@@ -16,6 +17,8 @@ from typing import Any, Union
 import torch
 
 from mistral7b.default_model import default_model_path
+from mistral7b.distributed.launch import WorkerSpec, run_worker, start_group, stop_group
+from mistral7b.distributed.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.sampling_params import SamplingParams
@@ -76,12 +79,14 @@ class LLM:
         quantize: str | None = "auto",
         threads: int | None = None,
         engine_options: dict[str, Any] | None = None,
+        tensor_parallel_size: int = 1,
     ):
         """`quantize`: "auto" keeps a GGUF file's own quantization (Q4_0/Q4_1 packed as int4, other quantized
         types as int8) and loads other formats in float; "int8"/"int4" quantize any checkpoint's weights;
         None loads every weight in `dtype` (the exact reference path). `threads`: CPU threads (default: torch's,
         one per physical core). `engine_options`: more EngineConfig fields (block_size, kv_cache_memory,
-        num_blocks, max_num_batched_tokens, enable_prefix_caching)."""
+        num_blocks, max_num_batched_tokens, enable_prefix_caching). `tensor_parallel_size`: shard the model
+        over that many processes (distributed/): under torchrun, or started here; float weights only."""
         if quantize not in QUANTIZE_MODES:
             raise RequestError(f"quantize must be one of none, auto, int8, int4; got {quantize!r}")
         if threads is not None:
@@ -92,12 +97,30 @@ class LLM:
         self.model_path = model or default_model_path()
         self.device = torch.device(device)
         checkpoint = open_checkpoint(self.model_path, sliding_window=sliding_window)
+        self._group = None
+        if tensor_parallel_size != 1:
+            check_shardable(checkpoint.args, tensor_parallel_size)
+            if lora is not None or quantize in ("int8", "int4"):
+                raise RequestError("tensor parallelism runs float weights: drop --lora / --quantize int8|int4 "
+                                   "(merge an adapter first with `mistral7b merge`)")
+            quantize = None
         self.dtype = resolve_dtype(dtype, self.device, quantized=quantizes(checkpoint, quantize))
         self.args = checkpoint.args
         self.checkpoint_format = checkpoint.format
         self.tokenizer = checkpoint_tokenizer(checkpoint)
         load_quantized = None if lora is not None else quantize
-        self.model = build_model(checkpoint, self.dtype, self.device, progress=progress, quantize=load_quantized)
+        shard = None
+        if tensor_parallel_size != 1:
+            self._group = start_group(tensor_parallel_size, WorkerSpec(
+                self.model_path, sliding_window, self.dtype, self.device.type, threads))
+            self.device, shard = self._group.device, self._group.shard
+            if shard.rank != 0:  # a torchrun worker: serve the driver's steps, then end the process
+                run_worker(self._group, WorkerSpec(self.model_path, sliding_window, self.dtype, self.device.type))
+                stop_group(self._group)
+                raise SystemExit(0)
+            atexit.register(self.close)
+        self.model = build_model(checkpoint, self.dtype, self.device, progress=progress, quantize=load_quantized,
+                                 shard=shard)
         if lora is not None:  # a PEFT LoRA adapter folder, merged into the float weights, then quantized
             from mistral7b.finetune.lora import merge_adapter
 
@@ -113,7 +136,7 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
             max_model_len=self.max_model_len, chunk_size=self.chunk_size, max_num_seqs=max_batch_size,
-            **(engine_options or {})))
+            **(engine_options or {})), channel=self._group.channel if self._group else None)
         self._pending: dict[Any, collections.deque[StreamEvent]] = {}
         self._request_ids = itertools.count()
 
@@ -225,8 +248,19 @@ class LLM:
         outs = self._run(ids, params, [None] * len(ids))
         return outs if many else outs[0]
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op otherwise); the engine cannot run after this."""
+        group, self._group = self._group, None
+        if group is not None and group.shard.rank == 0:
+            stop_group(group)
+
+    def _single_process(self, what: str) -> None:
+        if self._group is not None:
+            raise RequestError(f"{what} runs on one process: start without --tensor-parallel-size")
+
     def score(self, prompts: Sequence[Prompt]) -> list[TokenScores]:
         """Log-probability of every token of each prompt given the tokens before it (no generation)."""
+        self._single_process("scoring")
         ids = [self.encode_prompt(p) for p in prompts]
         for seq in ids:
             if len(seq) > self.max_model_len:

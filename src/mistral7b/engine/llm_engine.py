@@ -16,6 +16,7 @@ import torch
 
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
+from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.model_runner import ModelRunner, StepInput
@@ -56,8 +57,26 @@ class EngineConfig:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
 
 
+def build_runner(model: Transformer, config: EngineConfig, num_blocks: int,
+                 channel: StepChannel | None = None) -> ModelRunner:
+    """The paged cache (num_blocks usable blocks + the null block), decode graphs where they apply, the runner:
+    built the same way by the engine and by each tensor-parallel worker."""
+    device = model.norm.weight.device
+    args = model.args
+    cache = PagedKVCache(args, num_blocks + 1, config.block_size, model.dtype, device, config.attention)
+    graphs = None
+    if config.cuda_graphs and cache.use_kernel and device.type == "cuda":
+        keys = min(args.sliding_window or config.max_model_len, config.max_model_len)
+        graphs = DecodeGraphs(model, cache, config.max_num_seqs, -(-config.max_model_len // config.block_size) + 1,
+                              keys)
+        graphs.capture()
+    return ModelRunner(model, cache, graphs, channel)
+
+
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig,
+                 channel: StepChannel | None = None):
+        """`channel`: set on rank 0 of a tensor-parallel group (distributed/launch.py)."""
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.args = model.args
@@ -67,16 +86,14 @@ class LLMEngine:
         block_bytes = PagedKVCache.block_bytes(self.args, bs, model.dtype)
         num_blocks = config.num_blocks or min(per_seq * config.max_num_seqs,
                                               max(1, self._kv_memory(device) // block_bytes))
-        self.cache = PagedKVCache(self.args, num_blocks + 1, bs, model.dtype, device, config.attention)
+        if channel is not None:  # tensor parallelism: the workers build the same cache and graphs now
+            channel.send(("setup", config, num_blocks))
+        self.runner = build_runner(model, config, num_blocks, channel)
+        self.cache = self.runner.cache
         self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
-        graphs = None
-        if config.cuda_graphs and self.cache.use_kernel and device.type == "cuda":
-            keys = min(window or config.max_model_len, config.max_model_len)
-            graphs = DecodeGraphs(model, self.cache, config.max_num_seqs, -(-config.max_model_len // bs) + 1, keys)
-            graphs.capture()
-        self.runner = ModelRunner(model, self.cache, graphs)
+        self.vocab_size = getattr(model, "global_args", self.args).vocab_size
         self.requests: dict[Hashable, list[Sequence]] = {}
         self._next_seq_id = 0
         self.prompt_tokens_total = 0
@@ -95,7 +112,7 @@ class LLMEngine:
         """RequestError unless this prompt with this many new tokens can run here."""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
-        vocab = self.args.vocab_size
+        vocab = self.vocab_size
         for t in prompt_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise RequestError(f"token id {t!r} is not in [0, {vocab})")

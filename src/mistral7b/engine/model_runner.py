@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.sequence import Sequence
 from mistral7b.model.transformer import Transformer
@@ -26,39 +27,56 @@ class StepInput:
     want: list[int]  # offsets within the span whose logits are needed
 
 
+@dataclass
+class StepPlan:
+    """A step in plain Python values: what every tensor-parallel rank needs to compute it (sent to workers)."""
+
+    spans: list[Span]  # per input, in the scheduler's order
+    tokens: list[list[int]]  # per input, its n token ids
+    want: list[list[int]]
+    new_blocks: list[int]
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, graphs: DecodeGraphs | None = None):
-        self.model, self.cache, self.graphs = model, cache, graphs
+    def __init__(self, model: Transformer, cache: PagedKVCache, graphs: DecodeGraphs | None = None,
+                 channel: StepChannel | None = None):
+        """`channel`: tensor parallelism's driver side; each step's plan goes to the workers before it runs."""
+        self.model, self.cache, self.graphs, self.channel = model, cache, graphs, channel
         self.device = cache.device
         self.graph_steps = 0  # steps replayed from a CUDA graph
 
-    @torch.inference_mode()
     def run(self, steps: Seq[StepInput], new_blocks: Seq[int]) -> tuple[torch.Tensor, list[int]]:
         """Compute the step; return logits [rows, vocab] (float32, on the device) and, per input, the first of
         its len(want) consecutive rows."""
-        decodes = [i for i in range(len(steps)) if steps[i].n == 1]
-        prefills = [i for i in range(len(steps)) if steps[i].n > 1]
+        plan = StepPlan(
+            spans=[Span(s.seq.num_computed, s.n, s.seq.block_table, s.seq.first_live_block) for s in steps],
+            tokens=[s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n] for s in steps],
+            want=[s.want for s in steps], new_blocks=list(new_blocks))
+        if self.channel is not None:
+            self.channel.send(plan)
+        return self.execute(plan)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[int]]:
+        spans = plan.spans
+        decodes = [i for i in range(len(spans)) if spans[i].n == 1]
+        prefills = [i for i in range(len(spans)) if spans[i].n > 1]
         order = decodes + prefills
-
-        def span(i: int) -> Span:
-            s = steps[i]
-            return Span(s.seq.num_computed, s.n, s.seq.block_table, s.seq.first_live_block)
-
-        if self.graphs is not None and not prefills and self.graphs.fits(len(steps)):
-            self.cache.zero_blocks(new_blocks)
-            logits = self.graphs.run([span(i) for i in range(len(steps))],
-                                     [s.seq.token_ids[s.seq.num_computed] for s in steps])
+        if self.graphs is not None and not prefills and self.graphs.fits(len(spans)):
+            self.cache.zero_blocks(plan.new_blocks)
+            logits = self.graphs.run(spans, [t[0] for t in plan.tokens])
             self.graph_steps += 1
-            return logits, list(range(len(steps)))
-        meta = self.cache.plan([span(i) for i in decodes], [span(i) for i in prefills])
-        tokens, index, offsets = [], [], {}
+            return logits, list(range(len(spans)))
+        meta = self.cache.plan([spans[i] for i in decodes], [spans[i] for i in prefills])
+        tokens: list[int] = []
+        index: list[int] = []
+        offsets = {}
         for i in order:
-            s = steps[i]
             offsets[i] = len(index)
-            index.extend(len(tokens) + w for w in s.want)
-            tokens.extend(s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n])
-        self.cache.zero_blocks(new_blocks)
+            index.extend(len(tokens) + w for w in plan.want[i])
+            tokens.extend(plan.tokens[i])
+        self.cache.zero_blocks(plan.new_blocks)
         # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
         logits = self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
                             logits_index=torch.tensor(index or [0], device=self.device), meta=meta)
-        return logits, [offsets[i] for i in range(len(steps))]
+        return logits, [offsets[i] for i in range(len(spans))]

@@ -88,6 +88,7 @@ class Mistral7BLM(TemplateLM):
                            quantize=None if quantize in (None, "none") else quantize)
         if self.llm.tokenizer is None:
             raise RequestError(f"{self.llm.model_path} has no tokenizer: lm-eval sends text")
+        self.llm._single_process("lm-eval scoring")
         self.tokenizer = self.llm.tokenizer
         self.batch_size = _int_arg("batch_size", batch_size, self.llm.max_batch_size)
         self.max_length = self.llm.max_model_len

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,12 +45,21 @@ class Checkpoint:
         """Native names, in file order."""
         return [name for name, _ in self._entries]
 
-    def tensors(self, packed: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+    def tensors(self, packed: frozenset[str] = frozenset(),
+                select: Callable[[str], tuple[int, int, int] | None] | None = None,
+                ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
         """(native name, tensor) one at a time, native rotary layout, dtype as stored (quantized -> float32).
 
         GGUF tensors whose type is in `packed` (a subset of gguf_blocks.PACKABLE) come as `GGUFBlocks`
-        instead, for quantized layers to use without re-quantizing.
+        instead, for quantized layers to use without re-quantizing. `select(name)` -> (dim, start, stop) asks
+        for a slice only (tensor parallelism): safetensors files read just those rows or columns; GGUF tensors
+        are read whole, then sliced. Slices of q/k rows hold whole heads, so the rotary layout is fixed per head.
         """
+        if select is not None and self.format == "gguf":
+            for name, value in self.tensors(packed):
+                spec = select(name)
+                yield name, value if spec is None else value.narrow(spec[0], spec[1], spec[2] - spec[1])  # type: ignore[union-attr]
+            return
         if self.format == "gguf":
             by_name = {t.name: t for t in self._reader.tensors}
             for name, stored in self._entries:
@@ -65,13 +74,18 @@ class Checkpoint:
         for file, group in itertools.groupby(self._entries, key=lambda entry: entry[1].file):
             with _open_safetensors(file) as handle:
                 for name, stored in group:
+                    spec = select(name) if select is not None else None
                     try:
-                        tensor = handle.get_tensor(stored.key)
+                        if spec is None:
+                            tensor = handle.get_tensor(stored.key)
+                        else:
+                            dim, start, stop = spec
+                            index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
+                            tensor = handle.get_slice(stored.key)[index]
                     except SafetensorError as e:
                         raise CheckpointError(f"{file}: cannot read tensor {stored.key} ({e})") from None
-                    heads = layout.rotary_heads(name, self.args)
-                    if self.format == "hf" and heads is not None:
-                        tensor = layout.permute_from_hf(tensor, heads)
+                    if self.format == "hf" and layout.rotary_heads(name, self.args) is not None:
+                        tensor = layout.permute_from_hf(tensor, tensor.shape[0] // self.args.head_dim)
                     yield name, tensor
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mistral7b.distributed.tensor_parallel import Shard, local_args, parallelize, slice_spec, take_slice
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
 from mistral7b.loading.gguf_blocks import PACKABLE, GGUFBlocks
@@ -54,10 +55,16 @@ def build_model(
     device: torch.device | str = "cpu",
     progress: bool = True,
     quantize: str | None = None,
+    shard: Shard | None = None,
 ) -> Transformer:
+    """`shard`: build this tensor-parallel rank's part only (distributed/tensor_parallel.py): local sizes,
+    only the rank's slices read, the communicating layers wrapped. Float weights only."""
     if quantize not in QUANTIZE_MODES:
         raise CheckpointError(f"unknown quantization {quantize!r} (expected int8, int4 or auto)")
-    args = checkpoint.args
+    full_args = checkpoint.args
+    args = full_args if shard is None else local_args(full_args, shard)
+    if shard is not None and quantize is not None:
+        raise CheckpointError("tensor parallelism loads float weights only: use quantize none")
     with torch.device("meta"):
         model = Transformer(args)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -69,10 +76,13 @@ def build_model(
                                                      checkpoint.format)
     quantized = any(linear_modes.values())
     packed = PACKABLE if quantized and checkpoint.format == "gguf" else frozenset()
+    select = None if shard is None else (lambda name: slice_spec(name, full_args, shard))
     for name, tensor in tqdm(
-        checkpoint.tensors(packed), total=len(types), desc="loading weights", unit="tensor", disable=not progress,
-        leave=False,
+        checkpoint.tensors(packed, select), total=len(types), desc="loading weights", unit="tensor",
+        disable=not progress, leave=False,
     ):
+        if shard is not None and name in ("tok_embeddings.weight", "output.weight"):
+            tensor = take_slice(tensor, None, rows=args.vocab_size)  # the last rank's share is zero-padded
         if name not in params:
             raise CheckpointError(f"{checkpoint.path}: unexpected tensor {name!r}")
         if tuple(tensor.shape) != tuple(params[name].shape):
@@ -104,6 +114,8 @@ def build_model(
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"{checkpoint.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if shard is not None:
+        parallelize(model, full_args, shard)
     return model.eval()
 
 

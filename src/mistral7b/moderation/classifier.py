@@ -64,6 +64,7 @@ class Moderator:
     def __init__(self, llm: LLM, taxonomy_name: str = "paper", max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS):
         if llm.tokenizer is None:
             raise RequestError(f"{llm.model_path} has no tokenizer, so it cannot moderate text")
+        llm._single_process("moderation")
         self.llm = llm
         self.taxonomy_name = taxonomy_name
         self.categories = taxonomy(taxonomy_name)

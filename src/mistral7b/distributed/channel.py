@@ -1,0 +1,26 @@
+"""The driver-to-worker channel of tensor parallelism: the scheduler runs once (rank 0), the workers execute.
+
+Each step, rank 0 broadcasts the step's plan (engine/model_runner.StepPlan: spans, token ids, block tables;
+plain Python values between our own processes) over a gloo group, so the control messages never wait on the
+GPU stream; then every rank runs the same model step, meeting in its all-reduces. `None` tells the workers
+to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+
+class StepChannel:
+    def __init__(self, group: Any):
+        self.group = group
+
+    def send(self, message: Any) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.group)
+
+    def recv(self) -> Any:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]

@@ -1,0 +1,145 @@
+"""Starting a tensor-parallel group: under torchrun, or launched by the process itself.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set), every process runs the same command; rank 0 becomes the
+driver (the engine, the server) and the others turn into workers inside `LLM(...)`, returning only to exit.
+Without torchrun, rank 0 starts ranks 1 .. N-1 itself as child processes (spawned, so CUDA is safe) on a free
+loopback port. Either way each rank loads only its slices of the checkpoint, and the workers then loop: take
+a message from the driver's channel ("setup": build the paged cache and CUDA graphs; a StepPlan: run the
+step), until `None`.
+
+NCCL carries the model's all-reduces on GPUs (gloo on CPUs); the step plans always go over a gloo group.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mistral7b.distributed.channel import StepChannel
+from mistral7b.distributed.tensor_parallel import Shard
+from mistral7b.errors import RequestError
+
+
+@dataclass
+class WorkerSpec:
+    """What a spawned worker needs to load its shard the way the driver loads its own."""
+
+    model_path: str
+    sliding_window: Any
+    dtype: torch.dtype
+    device_type: str
+    threads: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    shard: Shard
+    channel: StepChannel
+    device: torch.device
+    children: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, size: int, device_type: str) -> Group:
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=size,
+                                **({"device_id": device} if device_type == "cuda" else {}))
+    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return Group(Shard(rank, size, dist.group.WORLD), StepChannel(control), device)
+
+
+def start_group(size: int, spec: WorkerSpec) -> Group:
+    """This process's place in a group of `size` ranks (torchrun's, or one it starts now as rank 0)."""
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != size:
+            raise RequestError(f"--tensor-parallel-size {size} but torchrun started {world} processes")
+        return _init(int(os.environ["RANK"]), size, spec.device_type)
+    if spec.device_type == "cuda" and torch.cuda.device_count() < size:
+        raise RequestError(f"tensor parallelism over {size} GPUs, but {torch.cuda.device_count()} are visible")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    ctx = multiprocessing.get_context("spawn")
+    children = []
+    for rank in range(1, size):
+        child = ctx.Process(target=worker_main, args=(rank, size, spec, dict(os.environ)), daemon=True,
+                            name=f"mistral7b-tp-rank{rank}")
+        child.start()
+        children.append(child)
+    group = _init(0, size, spec.device_type)
+    group.children = children
+    return group
+
+
+def stop_group(group: Group) -> None:
+    """Tell the workers to finish, wait for the ones this process started, and leave the group."""
+    try:
+        group.channel.send(None)
+    finally:
+        for child in group.children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def serve_steps(model: torch.nn.Module, group: Group) -> None:
+    """A worker's loop: build what the driver builds, run every step it plans, until told to stop."""
+    from mistral7b.engine.llm_engine import build_runner
+
+    runner = None
+    while True:
+        message = group.channel.recv()
+        if message is None:
+            return
+        if isinstance(message, tuple) and message[0] == "setup":
+            _, config, num_blocks = message
+            runner = build_runner(model, config, num_blocks)
+        else:
+            assert runner is not None, "a step came before the engine's setup"
+            runner.execute(message)
+
+
+def worker_main(rank: int, size: int, spec: WorkerSpec, env: dict[str, str]) -> None:
+    """Entry point of a spawned rank: join the group, load the shard, serve steps."""
+    os.environ.update(env)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    group = _init(rank, size, spec.device_type)
+    run_worker(group, spec)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_worker(group: Group, spec: WorkerSpec) -> None:
+    from mistral7b.loading import open_checkpoint
+    from mistral7b.model.build import build_model
+    from mistral7b.model.fuse import fuse_projections
+
+    checkpoint = open_checkpoint(spec.model_path, sliding_window=spec.sliding_window)
+    model = build_model(checkpoint, spec.dtype, group.device, progress=False, shard=group.shard)
+    fuse_projections(model)
+    serve_steps(model, group)
