@@ -196,7 +196,8 @@ def load_llm(folder: str, a: argparse.Namespace, *, window: Any, max_model_len: 
              chunk: int, batched_tokens: int) -> LLM:
     return LLM(folder, dtype=a.dtype, device=a.device, chunk_size=chunk, sliding_window=window,
                max_model_len=max_model_len, max_batch_size=max_batch_size, progress=False, quantize=None,
-               engine_options={"max_num_batched_tokens": batched_tokens, **engine_options(a)})
+               engine_options={"max_num_batched_tokens": batched_tokens, **engine_options(a)},
+               tensor_parallel_size=a.tensor_parallel_size)
 
 
 def drive(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list], float, float]:
@@ -304,6 +305,7 @@ def ours_decode_and_throughput(folder: str, a: argparse.Namespace, vocab: int) -
           "ttft_mean_s": statistics.mean(ttft), "ttft_median_s": statistics.median(ttft),
           "tpot_mean_ms": 1e3 * statistics.mean(tpot), "tpot_median_ms": 1e3 * statistics.median(tpot)}
     log(f"ours throughput: {tp['output_tok_s']:,.0f} output tok/s in {tp['wall_s']:.1f} s")
+    llm.close()  # the tensor-parallel workers, if any
     del llm, eng
     free()
     return {"batch1": b1, "throughput": tp}
@@ -338,6 +340,7 @@ def long_context(folder: str, a: argparse.Namespace, args: ModelArgs, windowed: 
                    prefill_s_32k=toks[0][0] - t0, kv_peak_MiB_32k=peak["peak"] * block_bytes / 2**20,
                    kv_decode_MiB_32k=peak["last"] * block_bytes / 2**20)  # held in the last decode step
         log(f"long W={W}: 32K decode {out['decode_ms_32k']:.2f} ms/token")
+    llm.close()
     del llm, eng, peak, timer
     free()
     return out
@@ -496,6 +499,8 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard ours over N GPUs (started by LLM itself; compare with a run at 1)")
     p.add_argument("--hf-batches", default=None, help="HF generate batch sizes (default 32,64,128)")
     p.add_argument("--long-chunk", type=int, default=None, help="pre-fill chunk of the long-context runs (4096)")
     for flag in ("--skip-hf", "--skip-long", "--skip-32k", "--no-cuda-graphs", "--no-compile"):

@@ -94,16 +94,27 @@ def start_group(size: int, spec: WorkerSpec) -> Group:
 
 
 def stop_group(group: Group) -> None:
-    """Tell the workers to finish, wait for the ones this process started, and leave the group."""
+    """Tell the workers to finish and leave the group with them (NCCL's teardown waits for every rank, so the
+    driver must not wait for its children first), then reap the ones this process started."""
     try:
         group.channel.send(None)
+        leave()
     finally:
         for child in group.children:
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def leave() -> bool:
+    """Leave the process group; False when it must be left to the process's exit: NCCL communicators that
+    CUDA graphs captured collectives on neither destroy nor abort (both waited forever on 2 H200s)."""
+    if not dist.is_initialized():
+        return True
+    if dist.get_backend() == "nccl":
+        return False
+    dist.destroy_process_group()
+    return True
 
 
 def serve_steps(model: torch.nn.Module, group: Group) -> None:
@@ -130,8 +141,8 @@ def worker_main(rank: int, size: int, spec: WorkerSpec, env: dict[str, str]) -> 
         torch.set_num_threads(spec.threads)
     group = _init(rank, size, spec.device_type)
     run_worker(group, spec)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not leave():
+        os._exit(0)  # a spawned worker with NCCL: nothing is left to flush
 
 
 def run_worker(group: Group, spec: WorkerSpec) -> None:
