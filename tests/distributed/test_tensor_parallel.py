@@ -131,3 +131,33 @@ def test_server_with_two_ranks_answers_like_one_process(tmp_path):
         assert server.stop() == 0
     log = open(server.log).read()
     assert "Traceback" not in log, log
+
+
+def test_generate_under_torchrun_equals_one_process(checkpoints, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mistral7b generate --tensor-parallel-size 2`: rank 0 prints what one
+    process prints; rank 1 serves its steps and exits cleanly."""
+    import json
+    import subprocess
+    import sys
+
+    common = ["generate", "--model", checkpoints["native"], "--prompt-ids", ",".join(str(t) for t in range(1, 30)),
+              "--max-tokens", "12", "--json", "--quiet", "--chunk-size", "5", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mistral7b", *common], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "mistral7b", *common, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert two.returncode == 0, two.stderr
+    want = json.loads(one.stdout)
+    got = json.loads(two.stdout)  # rank 1 prints nothing
+    assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 12
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) < 1e-4
+    mismatch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), "-m", "mistral7b", *common,
+                               "--tensor-parallel-size", "4"], capture_output=True, text=True, env=env, timeout=120)
+    assert mismatch.returncode != 0 and "error: --tensor-parallel-size 4 but torchrun started 2" in mismatch.stderr
+    ours = [line for line in mismatch.stderr.splitlines()  # torchrun prints its own traceback, not ours
+            if line.lstrip().startswith("File ") and f"{os.sep}mistral7b{os.sep}" in line]
+    assert not ours, mismatch.stderr
