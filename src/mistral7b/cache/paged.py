@@ -9,6 +9,11 @@ then attends group by group: all decode rows in one call, each pre-fill chunk in
 live blocks of its rows (at most about W / B + 2 with a window) and masks them by absolute position with the
 one window rule (model/attention.py), so a sequence attends to exactly what it would attend to alone.
 
+On a GPU (or with attention="triton") the same step is planned for the Triton kernel instead
+(kernels/paged_attention.py): block tables, key counts and query offsets per sequence, one launch for the
+decode rows (keys split over programs when few sequences run) and one for the pre-fill tiles; the kernel reads
+the pool in place, so nothing is gathered. A scratch block after the pool takes CUDA graphs' padding rows.
+
 Worked example, B = 4, W = 6, one sequence at its decode step for position 9 (tokens 0..8 computed):
     first needed position 9 - 6 + 1 = 4 -> first live logical block 1 (block 0 was released);
     gathered logical blocks 1, 2 = positions 4..11; valid keys are < 10 (positions 10, 11 are not
