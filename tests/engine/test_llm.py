@@ -109,3 +109,22 @@ def test_max_tokens_is_capped_by_the_context(llm):
     finally:
         llm.max_model_len = saved
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_devices_are_checked_with_one_clear_error():
+    import torch
+
+    from mistral7b.engine.llm import resolve_device
+    from mistral7b.errors import RequestError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RequestError, match="unknown device 'cudax'"):
+        resolve_device("cudax")
+    with pytest.raises(RequestError, match="not supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(RequestError, match="no CUDA GPU is visible"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(RequestError, match="GPU\\(s\\) are visible"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")

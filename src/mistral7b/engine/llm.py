@@ -63,6 +63,23 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: boo
         raise RequestError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}") from None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for a user's string, or one clear error (unknown name, no such GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RequestError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RequestError(f"device {device!r}: no CUDA GPU is visible to this PyTorch "
+                               f"({torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RequestError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise RequestError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
 class LLM:
     def __init__(
         self,
@@ -95,7 +112,7 @@ class LLM:
             torch.set_num_threads(threads)
         tune_allocator()
         self.model_path = model or default_model_path()
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         checkpoint = open_checkpoint(self.model_path, sliding_window=sliding_window)
         self._group = None
         if tensor_parallel_size != 1:
