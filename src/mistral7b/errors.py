@@ -11,3 +11,7 @@ class CheckpointError(Mistral7BError):
 
 class RequestError(Mistral7BError, ValueError):
     """Bad user input to generation: a sampling parameter out of range, a prompt too long, bad messages."""
+
+
+class WorkerError(Mistral7BError, RuntimeError):
+    """A tensor-parallel rank stopped or cannot be reached: the group cannot compute any more."""

@@ -161,3 +161,21 @@ def test_generate_under_torchrun_equals_one_process(checkpoints, tmp_path):
     ours = [line for line in mismatch.stderr.splitlines()  # torchrun prints its own traceback, not ours
             if line.lstrip().startswith("File ") and f"{os.sep}mistral7b{os.sep}" in line]
     assert not ours, mismatch.stderr
+
+
+def test_a_dead_worker_is_one_clear_error_and_never_a_hang(checkpoints):
+    import signal
+
+    from mistral7b import LLM, SamplingParams
+    from mistral7b.errors import WorkerError
+
+    llm = LLM(checkpoints["native"], progress=False, max_model_len=128, tensor_parallel_size=2, threads=1)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    assert len(llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 3
+    child = llm._group.children[0]
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    with pytest.raises(WorkerError, match="worker stopped"):
+        llm.generate([[1, 2, 3]], params)
+    llm.close()  # returns, and leaves the group: the next test can start another
+    assert not dist.is_initialized()

@@ -12,13 +12,18 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mistral7b.errors import WorkerError
+
 
 class StepChannel:
     def __init__(self, group: Any):
         self.group = group
 
     def send(self, message: Any) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.group)
+        try:
+            dist.broadcast_object_list([message], src=0, group=self.group)
+        except RuntimeError:  # a worker died: say so in one line (the engine then stops; the server 503s)
+            raise WorkerError("a tensor-parallel worker stopped or cannot be reached") from None
 
     def recv(self) -> Any:
         box: list[Any] = [None]

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,7 +24,13 @@ import torch.distributed as dist
 
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.distributed.tensor_parallel import Shard
-from mistral7b.errors import RequestError
+from mistral7b.errors import RequestError, WorkerError
+
+
+# A rank that died leaves the others waiting in a collective: after this long they fail instead of hanging
+# (the driver's engine then reports the failure: 503 from the server). Long enough for the first step's
+# kernel compilation and CUDA graph capture.
+TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass
@@ -64,9 +71,9 @@ def _init(rank: int, size: int, device_type: str) -> Group:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=size,
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=TIMEOUT,
                                 **({"device_id": device} if device_type == "cuda" else {}))
-    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else dist.group.WORLD
     return Group(Shard(rank, size, dist.group.WORLD), StepChannel(control), device)
 
 
@@ -97,7 +104,10 @@ def stop_group(group: Group) -> None:
     """Tell the workers to finish and leave the group with them (NCCL's teardown waits for every rank, so the
     driver must not wait for its children first), then reap the ones this process started."""
     try:
-        group.channel.send(None)
+        try:
+            group.channel.send(None)
+        except WorkerError:  # a worker is already gone: nothing to tell it
+            pass
         leave()
     finally:
         for child in group.children:
