@@ -42,7 +42,7 @@ Targets (issue): batch-1 >= 90% of floor; throughput >= 70% of roofline and >= 4
 attention at 16K >= 1.8x faster with W = 4096; KV per sequence bounded by W; 32K decode faster with the window.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu.py --out $OUT/gpu.json [--skip-hf] [--skip-long] [--skip-32k]
-             [--no-cuda-graphs] [--no-compile] [--attention torch|triton] [--checkpoint DIR (kept, reused)]
+             [--no-cuda-graphs] [--async-scheduling] [--attention torch|triton] [--checkpoint DIR (kept, reused)]
 CPU smoke test (tiny model, every code path, HF in float32): PYTHONPATH=src python bench/gpu.py --tiny
 """
 
@@ -72,7 +72,7 @@ from mistral7b.cache.block_manager import max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
 from mistral7b.config import PRESETS, ModelArgs
 from mistral7b.engine.llm import LLM
-from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+from mistral7b.engine.llm_engine import LLMEngine
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.loading import layout
 
@@ -181,14 +181,11 @@ def roofline(args: ModelArgs, n_req: int, prompt: int, new: int, rate: float, bw
 
 
 def engine_options(a: argparse.Namespace) -> dict[str, Any]:
-    """cuda_graphs / compile only where EngineConfig has them: on unless --no-..., off on a CPU; --attention."""
-    fields = EngineConfig.__dataclass_fields__
-    opts: dict[str, Any] = {"attention": a.attention} if a.attention and "attention" in fields else {}
-    for key, off in (("cuda_graphs", a.no_cuda_graphs), ("compile", a.no_compile)):
-        if key in fields:
-            opts[key] = not off and a.device == "cuda"
-        elif off:
-            log(f"note: EngineConfig has no {key!r} field; --no-{key.replace('_', '-')} ignored")
+    """CUDA graphs on unless --no-cuda-graphs (off on a CPU); --attention; --async-scheduling."""
+    opts: dict[str, Any] = {"cuda_graphs": not a.no_cuda_graphs and a.device == "cuda",
+                            "async_scheduling": a.async_scheduling}
+    if a.attention:
+        opts["attention"] = a.attention
     return opts
 
 
@@ -499,13 +496,15 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling (greedy steps "
+                   "launched one ahead of the host's bookkeeping)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard ours over N GPUs (started by LLM itself; compare with a run at 1)")
     p.add_argument("--hf-batches", default=None, help="HF generate batch sizes (default 32,64,128)")
     p.add_argument("--long-chunk", type=int, default=None, help="pre-fill chunk of the long-context runs (4096)")
-    for flag in ("--skip-hf", "--skip-long", "--skip-32k", "--no-cuda-graphs", "--no-compile"):
+    for flag in ("--skip-hf", "--skip-long", "--skip-32k", "--no-cuda-graphs"):
         p.add_argument(flag, action="store_true")
-    p.add_argument("--attention", default=None, help="EngineConfig.attention where it exists (auto, torch, triton)")
+    p.add_argument("--attention", default=None, help="EngineConfig.attention: auto, torch or triton")
     a = p.parse_args()
     for key, value in (TINY if a.tiny else GPU).items():
         if a.tiny or getattr(a, key, None) is None:

@@ -42,7 +42,11 @@ class DecodeGraphs:
         self.tile_q = torch.zeros(B, **i32)
         self.logits_index = torch.arange(B, dtype=torch.long, device=dev)
         self.max_keys = max_keys
-        self.staging = torch.zeros(4, B, dtype=torch.long).pin_memory()
+        # Two pinned staging buffers used in turn: with async scheduling the next step is staged while the
+        # previous step's copy may still be queued behind the running graph.
+        self.staging = [torch.zeros(4, B, dtype=torch.long).pin_memory() for _ in range(2)]
+        self.staged = [torch.cuda.Event(), torch.cuda.Event()]
+        self.turn = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -87,18 +91,23 @@ class DecodeGraphs:
         return 0 < n <= self.buckets[-1]
 
     @torch.inference_mode()
-    def run(self, spans: Seq[Span], tokens: Seq[int]) -> torch.Tensor:
-        """Logits [n, vocab] (float32, on the GPU; valid until the next replay) of n decode rows."""
+    def run(self, spans: Seq[Span], tokens: Seq[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] (float32, on the GPU; valid until the next replay) of n decode rows. `tokens`: the
+        rows' input ids, a list, or a tensor on the GPU (async scheduling: the previous step's picks)."""
         n = len(spans)
         b = next(b for b in self.buckets if b >= n)
         bs = self.cache.block_size
-        stage = self.staging
+        self.turn ^= 1
+        stage, staged = self.staging[self.turn], self.staged[self.turn]
+        staged.synchronize()  # the copy out of this buffer two steps ago is done
         starts = [s.start for s in spans]
-        stage[:3, :n] = torch.tensor([tokens, starts, [s.block_table[p // bs] * bs + p % bs
-                                                        for s, p in zip(spans, starts)]])
+        ids = [0] * n if isinstance(tokens, torch.Tensor) else tokens
+        stage[:3, :n] = torch.tensor([ids, starts, [s.block_table[p // bs] * bs + p % bs
+                                                     for s, p in zip(spans, starts)]])
         stage[3, :n] = stage[1, :n] + 1
         gpu = stage[:, :n].to(self.cache.device, non_blocking=True)
-        self.tokens[0, :n] = gpu[0]
+        staged.record()
+        self.tokens[0, :n] = tokens if isinstance(tokens, torch.Tensor) else gpu[0]
         self.positions[0, :n] = gpu[1]
         self.slots[:n] = gpu[2]
         self.seq_lens[:n] = gpu[3]

@@ -45,8 +45,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention: str = "auto"  # "torch", "triton" (the paged kernel), or auto: the kernel on CUDA
     cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
+    async_scheduling: bool = False  # greedy decode steps launched one ahead of the host's bookkeeping
 
     def validate(self) -> None:
+        for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -55,6 +59,17 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class PendingStep:
+    """A decode step whose greedy picks are still on their way to the host (async scheduling)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [n] picks on the device: the next step's input
+    host: torch.Tensor  # [n] their copy on the host (pinned), valid once `done` has completed
+    logprobs: torch.Tensor | None  # [n] log-probabilities of the picks (host), when asked for
+    done: torch.cuda.Event | None  # None on a CPU: everything above is already there
 
 
 def build_runner(model: Transformer, config: EngineConfig, num_blocks: int,
@@ -95,6 +110,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
         self.vocab_size = getattr(model, "global_args", self.args).vocab_size
         self.requests: dict[Hashable, list[Sequence]] = {}
+        self._pending: PendingStep | None = None  # async scheduling: a decode step not read back yet
         self._next_seq_id = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -167,7 +183,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
 
     @property
     def num_running(self) -> int:
@@ -179,6 +195,8 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[StreamEvent]:
+        if self._pending is not None:
+            return self._advance()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -202,17 +220,85 @@ class LLMEngine:
                 self._record_prompt_logprobs(seq, start, logits[first : first + len(inp.want)].cpu())
             if seq.num_computed == seq.num_tokens:
                 ready.append((seq, first + len(inp.want) - 1))
+        if self._may_overlap(inputs, ready):
+            rows = [row for _, row in ready]
+            picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            self._pending = self._launch_picks([seq for seq, _ in ready], picked)
+            return self._advance()
         events: list[StreamEvent] = []
         for (seq, _), sample in zip(ready, self._choose(ready, logits)):
             events.extend(self._emit(seq, sample))
         return events
 
     @staticmethod
-    def _plain(seq: Sequence) -> bool:
-        """Greedy with nothing that changes the logits: picked for all such sequences at once on the device."""
+    def _plain(seq: Sequence, ahead: int = 0) -> bool:
+        """Greedy with nothing that changes the logits: picked for all such sequences at once on the device.
+        `ahead`: tokens the sequence will have gained by the time the pick is read (async scheduling)."""
         p = seq.params
         return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty and not p.top_logprobs and seq.num_output >= p.min_tokens)
+                and not p.frequency_penalty and not p.top_logprobs and seq.num_output + ahead >= p.min_tokens)
+
+    # ---- async scheduling ----------------------------------------------------------------------------
+    # After a decode step of plain greedy sequences, the next step is launched from the picks still on the
+    # device (every sequence assumed to go on), and only then are the picks read back and turned into
+    # events, so the host's bookkeeping runs while the GPU computes. A sequence that turns out to have
+    # finished wasted one row of the step launched ahead; its result is dropped. New requests wait until the
+    # step in flight is read back, then go through the scheduler as usual.
+    def _may_overlap(self, inputs: list[StepInput], ready: list[tuple[Sequence, int]]) -> bool:
+        return (self.config.async_scheduling and self.runner.channel is None and len(ready) == len(inputs)
+                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and self._plain(inp.seq)
+                        for inp in inputs))
+
+    def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor) -> PendingStep:
+        """Greedy picks of logits [n, vocab] on the device, and their copy to the host, without waiting."""
+        tokens = logits.argmax(-1)
+        logprobs = None
+        if any(seq.params.logprobs for seq in seqs):
+            logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        if tokens.device.type != "cuda":
+            return PendingStep(seqs, tokens, tokens, logprobs, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        host_lp = None
+        if logprobs is not None:
+            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_lp.copy_(logprobs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingStep(seqs, tokens, host, host_lp, done)
+
+    def _advance(self) -> list[StreamEvent]:
+        """Launch the step after the pending one if it may run ahead, then read the pending one back."""
+        pending, ahead = self._pending, None
+        assert pending is not None
+        alive = [i for i, seq in enumerate(pending.seqs) if not seq.finished]
+        seqs = [pending.seqs[i] for i in alive]
+        if (seqs and not self.scheduler.waiting and all(self._plain(seq, ahead=1) for seq in seqs)
+                and all([self.blocks.allocate(seq, 1) for seq in seqs])):
+            tokens = pending.tokens if len(alive) == len(pending.seqs) else pending.tokens.index_select(
+                0, torch.tensor(alive, device=pending.tokens.device))
+            logits, rows = self.runner.run([StepInput(seq, 1, [0]) for seq in seqs], self.blocks.take_new_blocks(),
+                                           tokens=tokens)
+            for seq in seqs:
+                seq.num_computed += 1  # its input token reaches the host below, with the pending step's picks
+            picked = logits[: len(seqs)] if rows == list(range(len(seqs))) else logits.index_select(
+                0, torch.tensor(rows, device=logits.device))
+            ahead = self._launch_picks(seqs, picked)
+        if pending.done is not None:
+            pending.done.synchronize()
+        tokens_host = pending.host.tolist()
+        logprobs = pending.logprobs.tolist() if pending.logprobs is not None else None
+        events: list[StreamEvent] = []
+        for j, (seq, token) in enumerate(zip(pending.seqs, tokens_host)):
+            if seq.finished:  # finished or aborted after this step was launched: its row is dropped
+                continue
+            lp = logprobs[j] if logprobs is not None and seq.params.logprobs else None
+            events.extend(self._emit(seq, Sample(token, lp)))
+            if not seq.finished:
+                self.blocks.commit(seq)
+        self._pending = ahead
+        return events
 
     def _choose(self, ready: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[Sample]:
         """The next token of each ready sequence. Plain greedy rows take one argmax over their logits rows and

@@ -32,7 +32,8 @@ class StepPlan:
     """A step in plain Python values: what every tensor-parallel rank needs to compute it (sent to workers)."""
 
     spans: list[Span]  # per input, in the scheduler's order
-    tokens: list[list[int]]  # per input, its n token ids
+    tokens: list[list[int]] | torch.Tensor  # per input, its n token ids; or, for a decode-only step of async
+    # scheduling, a tensor [inputs] on the device: the previous step's picks (not sent to workers)
     want: list[list[int]]
     new_blocks: list[int]
 
@@ -45,12 +46,15 @@ class ModelRunner:
         self.device = cache.device
         self.graph_steps = 0  # steps replayed from a CUDA graph
 
-    def run(self, steps: Seq[StepInput], new_blocks: Seq[int]) -> tuple[torch.Tensor, list[int]]:
+    def run(self, steps: Seq[StepInput], new_blocks: Seq[int],
+            tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Compute the step; return logits [rows, vocab] (float32, on the device) and, per input, the first of
-        its len(want) consecutive rows."""
+        its len(want) consecutive rows. `tokens` [inputs] on the device replaces the sequences' own ids for a
+        decode-only step (async scheduling: their last tokens are not on the host yet)."""
         plan = StepPlan(
             spans=[Span(s.seq.num_computed, s.n, s.seq.block_table, s.seq.first_live_block) for s in steps],
-            tokens=[s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n] for s in steps],
+            tokens=tokens if tokens is not None else
+            [s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.n] for s in steps],
             want=[s.want for s in steps], new_blocks=list(new_blocks))
         if self.channel is not None:
             self.channel.send(plan)
@@ -62,21 +66,26 @@ class ModelRunner:
         decodes = [i for i in range(len(spans)) if spans[i].n == 1]
         prefills = [i for i in range(len(spans)) if spans[i].n > 1]
         order = decodes + prefills
+        on_device = isinstance(plan.tokens, torch.Tensor)
         if self.graphs is not None and not prefills and self.graphs.fits(len(spans)):
             self.cache.zero_blocks(plan.new_blocks)
-            logits = self.graphs.run(spans, [t[0] for t in plan.tokens])
+            logits = self.graphs.run(spans, plan.tokens if on_device else [t[0] for t in plan.tokens])
             self.graph_steps += 1
             return logits, list(range(len(spans)))
         meta = self.cache.plan([spans[i] for i in decodes], [spans[i] for i in prefills])
         tokens: list[int] = []
         index: list[int] = []
         offsets = {}
+        count = 0
         for i in order:
             offsets[i] = len(index)
-            index.extend(len(tokens) + w for w in plan.want[i])
-            tokens.extend(plan.tokens[i])
+            index.extend(count + w for w in plan.want[i])
+            count += spans[i].n
+            if not on_device:
+                tokens.extend(plan.tokens[i])
         self.cache.zero_blocks(plan.new_blocks)
+        ids = plan.tokens.view(1, -1) if on_device else torch.tensor([tokens], device=self.device)  # type: ignore[union-attr]
         # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
-        logits = self.model(torch.tensor([tokens], device=self.device), meta.positions, self.cache,
+        logits = self.model(ids, meta.positions, self.cache,
                             logits_index=torch.tensor(index or [0], device=self.device), meta=meta)
         return logits, [offsets[i] for i in range(len(spans))]

@@ -1,0 +1,100 @@
+"""Async scheduling (EngineConfig.async_scheduling): greedy decode steps launched one step ahead of reading the
+previous picks back. Same tokens and log-probabilities as the core path; sequences that finish (length, stop
+token), are aborted, or arrive while a step is in flight are handled; sampled requests fall back; prefix-cache
+commits stay exact; every block returns to the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+from mistral7b.engine.sampling_params import SamplingParams
+from tests.conftest import random_model, reference_greedy, tiny_args
+from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make_prompts, run
+
+W = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_args(window=W, n_heads=4, n_kv_heads=2), seed=3)
+
+
+def engine(model, **kw):
+    config = dict(max_model_len=512, chunk_size=W + 1, block_size=4, async_scheduling=True)
+    config.update(kw)
+    return LLMEngine(model, None, EngineConfig(**config))
+
+
+def test_mixed_lengths_equal_core_path_and_steps_ran_ahead(model):
+    e = engine(model)
+    prompts = make_prompts([1, 5, W, 3 * W + 1], seed=1)
+    params = [greedy(n) for n in (3 * W, 2, W + 3, 2 * W)]
+    launched = []
+    real_launch = e._launch_picks
+    e._launch_picks = lambda seqs, logits: launched.append(len(seqs)) or real_launch(seqs, logits)
+    out = run(e, prompts, params)
+    assert_equal_to_core_path(model, prompts, params, out)
+    assert len(launched) > 2 * W  # decode steps went through the async path
+    assert e.blocks.usage == 0.0 and e._pending is None
+
+
+def test_stop_token_abort_and_late_arrival(model):
+    e = engine(model)
+    prompts = make_prompts([6, 2 * W, 3], seed=5)
+    ref = [reference_greedy(model, p, 2 * W)[0] for p in prompts]
+    stop_at = ref[0][4]
+    e.add_request("stops", prompts[0], SamplingParams(max_tokens=2 * W, temperature=0, stop_token_ids=[stop_at]))
+    e.add_request("aborted", prompts[1], greedy(2 * W))
+    got = {"stops": [], "aborted": [], "late": []}
+    steps = 0
+    while e.has_unfinished():
+        for ev in e.step():
+            if ev.token_id is not None:
+                got[ev.request_id].append(ev.token_id)
+        steps += 1
+        if steps == 4:
+            e.add_request("late", prompts[2], greedy(W))
+        if len(got["aborted"]) == 3 and "aborted" in e.requests:
+            assert e.abort_request("aborted")
+    assert got["stops"] == ref[0][: ref[0].index(stop_at) + 1]
+    assert got["aborted"] == ref[1][:3]
+    assert got["late"] == ref[2][:W]
+    assert e.blocks.usage == 0.0
+
+
+def test_sampled_requests_fall_back_and_match_the_synchronous_engine(model):
+    prompts = make_prompts([4, 9], seed=8)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, seed=11, logprobs=True), greedy(12)]
+    sync = run(engine(model, async_scheduling=False), prompts, params)
+    asyn = run(engine(model), prompts, params)
+    assert sync == asyn
+
+
+def test_prefix_cache_commits_stay_exact(model):
+    e = engine(model)
+    prompt = make_prompts([3 * W], seed=13)[0]
+    first = run(e, [prompt], [greedy(2 * W)])
+    assert_equal_to_core_path(model, [prompt], [greedy(2 * W)], first)
+    longer = prompt + first[0][0][0][: 2 * W - 1]  # the prompt and the first answer: cached while generated
+    out = run(e, [longer], [greedy(W)], first_id=5)
+    assert_equal_to_core_path(model, [longer], [greedy(W)], out)
+    assert e.blocks.prefix_hits >= 4 * ((len(longer) - 1) // 4) - 4
+    assert e.blocks.usage == 0.0
+
+
+def test_on_the_kernel_path(model):
+    """The paged-attention and rotary-store kernels (Triton's interpreter here) with the picks fed back as a
+    tensor, as on a GPU."""
+    import copy
+
+    from mistral7b.kernels import paged_attention as pa
+    from mistral7b.model.fuse import fuse_projections
+
+    if not pa.available():
+        pytest.skip("triton is not installed")
+    fused = fuse_projections(copy.deepcopy(model))
+    prompts = make_prompts([2, W + 3], seed=21)
+    params = [greedy(W + 2), greedy(5)]
+    out = run(engine(fused, attention="triton"), prompts, params)
+    assert_equal_to_core_path(model, prompts, params, out)
