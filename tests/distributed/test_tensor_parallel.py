@@ -179,3 +179,13 @@ def test_a_dead_worker_is_one_clear_error_and_never_a_hang(checkpoints):
         llm.generate([[1, 2, 3]], params)
     llm.close()  # returns, and leaves the group: the next test can start another
     assert not dist.is_initialized()
+
+
+def test_a_worker_that_dies_while_starting_is_one_clear_error(checkpoints):
+    from mistral7b.distributed.launch import WorkerSpec, start_group
+    from mistral7b.errors import WorkerError
+
+    spec = WorkerSpec(checkpoints["native"], "keep", torch.float32, "cpu", threads=-1)  # fails in the child
+    with pytest.raises(WorkerError, match="exited with code 1 while starting"):
+        start_group(2, spec)
+    assert not dist.is_initialized()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -89,15 +90,34 @@ def start_group(size: int, spec: WorkerSpec) -> Group:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     ctx = multiprocessing.get_context("spawn")
+    started = ctx.Queue()
     children = []
     for rank in range(1, size):
-        child = ctx.Process(target=worker_main, args=(rank, size, spec, dict(os.environ)), daemon=True,
+        child = ctx.Process(target=worker_main, args=(rank, size, spec, dict(os.environ), started), daemon=True,
                             name=f"mistral7b-tp-rank{rank}")
         child.start()
         children.append(child)
+    _wait_started(children, started)
     group = _init(0, size, spec.device_type)
     group.children = children
     return group
+
+
+def _wait_started(children: list, started: Any) -> None:
+    """Wait until every child is about to join the group; a child that dies first is a WorkerError, not a wait
+    in the rendezvous until its timeout."""
+    pending = len(children)
+    while pending:
+        try:
+            started.get(timeout=0.2)
+            pending -= 1
+        except queue.Empty:
+            dead = [c for c in children if c.exitcode is not None]
+            if dead:
+                for c in children:
+                    c.kill()
+                raise WorkerError(f"tensor-parallel worker {dead[0].name} exited with code {dead[0].exitcode} "
+                                  "while starting (its error is printed above)")
 
 
 def stop_group(group: Group) -> None:
@@ -144,11 +164,12 @@ def serve_steps(model: torch.nn.Module, group: Group) -> None:
             runner.execute(message)
 
 
-def worker_main(rank: int, size: int, spec: WorkerSpec, env: dict[str, str]) -> None:
+def worker_main(rank: int, size: int, spec: WorkerSpec, env: dict[str, str], started: Any) -> None:
     """Entry point of a spawned rank: join the group, load the shard, serve steps."""
     os.environ.update(env)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    started.put(rank)
     group = _init(rank, size, spec.device_type)
     run_worker(group, spec)
     if not leave():
