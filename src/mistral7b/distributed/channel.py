@@ -8,6 +8,7 @@ to stop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -16,10 +17,14 @@ from mistral7b.errors import WorkerError
 
 
 class StepChannel:
-    def __init__(self, group: Any):
-        self.group = group
+    def __init__(self, group: Any, alive: Callable[[], bool] | None = None):
+        """`alive`: False once a worker this process started has exited (a send to a dead peer can block in
+        gloo until the timeout instead of failing)."""
+        self.group, self.alive = group, alive
 
     def send(self, message: Any) -> None:
+        if self.alive is not None and not self.alive():
+            raise WorkerError("a tensor-parallel worker stopped or cannot be reached")
         try:
             dist.broadcast_object_list([message], src=0, group=self.group)
         except RuntimeError:  # a worker died: say so in one line (the engine then stops; the server 503s)

@@ -100,6 +100,7 @@ def start_group(size: int, spec: WorkerSpec) -> Group:
     _wait_started(children, started)
     group = _init(0, size, spec.device_type)
     group.children = children
+    group.channel.alive = lambda: all(c.exitcode is None for c in children)
     return group
 
 
