@@ -93,7 +93,9 @@ def test_on_the_kernel_path(model):
 
     if not pa.available():
         pytest.skip("triton is not installed")
-    fused = fuse_projections(copy.deepcopy(model))
+    import torch
+
+    fused = fuse_projections(copy.deepcopy(model).to("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = make_prompts([2, W + 3], seed=21)
     params = [greedy(W + 2), greedy(5)]
     out = run(engine(fused, attention="triton"), prompts, params)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from mistral7b.kernels import paged_attention as pa
 from mistral7b.model.fuse import fuse_projections
@@ -16,6 +17,7 @@ from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make
 pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed")
 
 W = 8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,8 @@ def windowed():
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("chunk,block_size", [(W - 1, 4), (W + 1, 16), (3 * W + 2, 3)])
 def test_kernel_path_equals_core_path(windowed, chunk, block_size, fused):
-    model = windowed
+    model = copy.deepcopy(windowed).to(DEVICE)  # a GPU runs the compiled kernels, a CPU the interpreter
     if fused:  # the fused projection takes the rotate-and-store kernel
-        model = copy.deepcopy(windowed)
         fuse_projections(model)
     prompts = make_prompts([1, W, 3 * W + 5, 4 * W + 3], seed=chunk)
     params = [greedy(n) for n in (2 * W + 3, 9, W + 1, 5)]
@@ -44,5 +45,6 @@ def test_kernel_path_without_window_and_mha():
     model = random_model(tiny_args(window=None, n_heads=2, n_kv_heads=2), seed=5)
     prompts = make_prompts([2, 17, 40], seed=7)
     params = [greedy(n) for n in (30, 12, 4)]
-    out, engine = engine_generate(model, prompts, params, chunk_size=16, block_size=4, attention="triton")
+    out, engine = engine_generate(copy.deepcopy(model).to(DEVICE), prompts, params, chunk_size=16, block_size=4,
+                                  attention="triton")
     assert_equal_to_core_path(model, prompts, params, out)

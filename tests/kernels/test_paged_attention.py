@@ -17,6 +17,11 @@ import torch
 from mistral7b.kernels import paged_attention as pa
 
 pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU runs the compiled kernels, a CPU the interpreter
+
+
+def dev(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
 
 
 def _case(lens_new: list[int], lens_total: list[int], H: int, H_kv: int, window: int | None, block_size: int,
@@ -52,8 +57,8 @@ def test_kernel_equals_reference(H: int, H_kv: int, window: int | None) -> None:
     want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, window)
     for block_q in (1, 4):
         seqs, firsts = pa.query_tiles(lens_new, block_q)
-        got = pa.paged_attention(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
-                                 torch.tensor(firsts, dtype=torch.int32), window, block_q)
+        got = pa.paged_attention(*dev(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
+                                      torch.tensor(firsts, dtype=torch.int32)), window, block_q).cpu()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -64,8 +69,8 @@ def test_split_keys_equal_one_pass(splits: int, window: int | None) -> None:
     q, k, v, tables, seq_lens, query_start = _case([1] * 4, lens_total, 8, 2, window, block_size=16, seed=1)
     want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, window)
     seqs, firsts = pa.query_tiles([1] * 4, 1)
-    got = pa.paged_attention(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
-                             torch.tensor(firsts, dtype=torch.int32), window, 1, num_splits=splits)
+    got = pa.paged_attention(*dev(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
+                                  torch.tensor(firsts, dtype=torch.int32)), window, 1, num_splits=splits).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -81,7 +86,9 @@ def test_rotary_store_equals_pytorch() -> None:
     k_cache = torch.zeros(H_kv, num_blocks, bs, D)
     v_cache = torch.zeros(H_kv, num_blocks, bs, D)
     inv_freq = inv_frequencies(D, 1e6, "cpu")
-    q = rotary_store(qkv, positions, inv_freq, slots, k_cache, v_cache, H)
+    k_dev, v_dev = dev(k_cache, v_cache)
+    q = rotary_store(*dev(qkv, positions, inv_freq, slots), k_dev, v_dev, H).cpu()
+    k_cache, v_cache = k_dev.cpu(), v_dev.cpu()
 
     heads = qkv.view(1, N, H + 2 * H_kv, D)
     rotated = apply_rotary(heads[:, :, : H + H_kv], rotary_freqs(positions[None], inv_freq))[0]
@@ -103,18 +110,18 @@ def test_add_rms_norm_and_silu_mul_equal_pytorch(dtype) -> None:
     x = torch.randn(5, 96, generator=g).to(dtype)
     delta = torch.randn(5, 96, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
-    residual, normed = add_rms_norm(x, delta, w, 1e-5)
+    residual, normed = (t.cpu() for t in add_rms_norm(*dev(x, delta, w), 1e-5))
     want_res = x + delta
     # Exact in float32; in bfloat16 Triton's interpreter rounds the cast differently from a GPU (1 ulp).
     exact = dict(rtol=0, atol=0) if dtype == torch.float32 else {}
     torch.testing.assert_close(residual, want_res, **exact)
     torch.testing.assert_close(normed, torch.nn.functional.rms_norm(want_res, (96,), w, 1e-5))
-    same, normed_x = add_rms_norm(x, None, w, 1e-5)
+    same, normed_x = (t.cpu() for t in add_rms_norm(dev(x)[0], None, dev(w)[0], 1e-5))
     assert torch.equal(same, x)
     torch.testing.assert_close(normed_x, torch.nn.functional.rms_norm(x, (96,), w, 1e-5))
     gate_up = torch.randn(3, 2 * 1100, generator=g).to(dtype)  # more than one column block
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(silu_mul(dev(gate_up)[0]).cpu(), torch.nn.functional.silu(gate) * up)
 
 
 @pytest.mark.parametrize("window", [None, 64, 100, 150])
@@ -126,6 +133,6 @@ def test_long_prefill_tiles_with_unmasked_key_blocks(window: int | None, block_q
     q, k, v, tables, seq_lens, query_start = _case(lens_new, lens_total, 8, 2, window, block_size=16, seed=5)
     want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, window)
     seqs, firsts = pa.query_tiles(lens_new, block_q)
-    got = pa.paged_attention(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
-                             torch.tensor(firsts, dtype=torch.int32), window, block_q)
+    got = pa.paged_attention(*dev(q, k, v, tables, seq_lens, query_start, torch.tensor(seqs, dtype=torch.int32),
+                                  torch.tensor(firsts, dtype=torch.int32)), window, block_q).cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
