@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 import types
-import zlib
 from unittest import mock
 
 import torch
@@ -50,20 +49,12 @@ def model_args(tiny: bool):
     return PRESETS["mistral-7b-v0.1"]
 
 
-def native_tensor(name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The float32 value of native parameter `name`, the same on every call (seeded by the name)."""
-    if len(shape) == 1:  # RMSNorm weights
-        return torch.ones(shape, device=device)
-    g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
-    std = 0.002 if name == "output.weight" else 0.02
-    return torch.randn(shape, generator=g, device=device) * std
-
-
 # ---------------------------------------------------------------------------------------------- ours
 
 
 def random_model(args, dtype: torch.dtype, device: torch.device):
     """Our Transformer with random weights: meta device, to_empty on `device` in `dtype`, filled in place."""
+    from bench.random_weights import native_tensor
     from mistral7b.model.transformer import Transformer
 
     with torch.device("meta"):
@@ -121,32 +112,12 @@ def ours_batches(trainer, n_steps: int) -> list[torch.Tensor]:
 
 
 def build_hf(args, device: torch.device, dtype: torch.dtype):
-    import transformers
     from peft import LoraConfig, get_peft_model
 
-    from mistral7b.loading import layout
+    from bench.random_weights import random_hf_mistral
 
-    cfg = args.to_hf_config()
-    cfg.pop("architectures"), cfg.pop("model_type")
-    config = transformers.MistralConfig(**cfg)
-    config._attn_implementation = "sdpa"
-    config.use_cache = False
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = transformers.MistralForCausalLM(config)
-    finally:
-        torch.set_default_dtype(prev)
-    model.config._attn_implementation = "sdpa"
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, shape in layout.expected_shapes(args).items():
-            value = native_tensor(name, shape, device)
-            heads = layout.rotary_heads(name, args)
-            if heads:
-                value = layout.permute_to_hf(value, heads)
-            params[layout.from_native_name(name, "hf")].copy_(value)
+    model = random_hf_mistral(args, device, dtype)
+    model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
                                                   target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
@@ -282,7 +253,8 @@ def main() -> None:
     spec = a.shapes or ("1x64,2x32" if a.tiny else "1x2048")
     shapes = [tuple(int(v) for v in s.split("x")) for s in spec.split(",")]
     os.makedirs(a.out, exist_ok=True)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [os.path.join(here, "..", "src"), os.path.join(here, "..")]
     device = torch.device(a.device)
     args = model_args(a.tiny)
     info = device_info(device)

@@ -60,13 +60,15 @@ import sys
 import tempfile
 import time
 import traceback
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.random_weights import native_tensor, random_hf_mistral  # noqa: E402
 
 from mistral7b.cache.block_manager import max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
@@ -100,15 +102,6 @@ def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def native_tensor(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The value of native parameter `name`, the same on every call (seeded by the name)."""
-    if len(shape) == 1:  # RMSNorm weights
-        return torch.ones(shape, device=device, dtype=dtype)
-    g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
-    std = 0.002 if name == "output.weight" else 0.02
-    return (torch.randn(shape, generator=g, device=device) * std).to(dtype)
 
 
 def write_checkpoint(folder: str, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> str:
@@ -346,28 +339,6 @@ def long_context(folder: str, a: argparse.Namespace, args: ModelArgs, windowed: 
 # ---------------------------------------------------------------------------------------------- hf
 
 
-def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Any:
-    import transformers
-
-    cfg = args.to_hf_config()
-    cfg.pop("architectures"), cfg.pop("model_type")
-    config = transformers.MistralConfig(**cfg, attn_implementation="sdpa")
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = transformers.MistralForCausalLM(config)
-    finally:
-        torch.set_default_dtype(prev)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, shape in layout.expected_shapes(args).items():
-            value = native_tensor(name, shape, device, dtype)
-            heads = layout.rotary_heads(name, args)
-            params[layout.from_native_name(name, "hf")].copy_(layout.permute_to_hf(value, heads) if heads else value)
-    return model.eval()
-
-
 def hf_generate(model: Any, ids: torch.Tensor, new: int, device: torch.device) -> tuple[float, torch.Tensor]:
     sync(device)
     t = time.perf_counter()
@@ -382,7 +353,7 @@ def hf_generate(model: Any, ids: torch.Tensor, new: int, device: torch.device) -
 def hf_peer(args: ModelArgs, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    model = build_hf(args, device, dtype)
+    model = random_hf_mistral(args, device, dtype).eval()
     log(f"HF transformers {transformers.__version__} model built")
     ids = torch.tensor([a.decode_prompt], device=device)
     hf_generate(model, ids, 8, device)
