@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,15 @@ class AttentionGroup:
     # copied as one slice (a lone sequence gets its blocks in order from the pool)
     mask: torch.Tensor  # [rows, 1, queries, blocks * block_size]
     bias: torch.Tensor | None = None  # decode rows on a CPU: the mask as 0 / -inf [rows, keys], float32
+
+
+def block_tables(spans: Seq[Span]) -> torch.Tensor:
+    """The spans' block tables as one int32 [S, longest] tensor, zero-padded (filled row by row through numpy:
+    twice as fast as torch.tensor on nested lists)."""
+    table = np.zeros((len(spans), max(len(s.block_table) for s in spans)), dtype=np.int32)
+    for i, s in enumerate(spans):
+        table[i, : len(s.block_table)] = s.block_table
+    return torch.from_numpy(table)
 
 
 @dataclass
@@ -173,10 +183,7 @@ class PagedKVCache:
 
     def _kernel_metadata(self, decodes: Seq[Span], prefills: Seq[Span]) -> KernelMetadata:
         spans = [*decodes, *prefills]
-        width = max(len(s.block_table) for s in spans)
-        tables = torch.zeros(len(spans), width, dtype=torch.int32)
-        for i, s in enumerate(spans):
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        tables = block_tables(spans)
         lens = [s.n for s in spans]
         starts = [0]
         for n in lens:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-import numpy as np
 import torch
 
-from mistral7b.cache.paged import KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span
+from mistral7b.cache.paged import KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span, block_tables
 from mistral7b.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -111,11 +110,8 @@ class DecodeGraphs:
         self.positions[0, :n] = gpu[1]
         self.slots[:n] = gpu[2]
         self.seq_lens[:n] = gpu[3]
-        width = max(len(s.block_table) for s in spans)
-        table = np.zeros((n, width), dtype=np.int32)  # row by row from the lists: 2x faster than torch.tensor
-        for i, s in enumerate(spans):
-            table[i, : len(s.block_table)] = s.block_table
-        self.block_tables[:n, :width].copy_(torch.from_numpy(table))
+        table = block_tables(spans)
+        self.block_tables[:n, : table.shape[1]].copy_(table)
         if b > n:
             self._pad_from(n)
         graph, logits = self.graphs[b]

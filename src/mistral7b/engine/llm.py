@@ -128,11 +128,11 @@ class LLM:
         load_quantized = None if lora is not None else quantize
         shard = None
         if tensor_parallel_size != 1:
-            self._group = start_group(tensor_parallel_size, WorkerSpec(
-                self.model_path, sliding_window, self.dtype, self.device.type, threads))
+            spec = WorkerSpec(self.model_path, sliding_window, self.dtype, self.device.type, threads)
+            self._group = start_group(tensor_parallel_size, spec)
             self.device, shard = self._group.device, self._group.shard
             if shard.rank != 0:  # a torchrun worker: serve the driver's steps, then end the process
-                run_worker(self._group, WorkerSpec(self.model_path, sliding_window, self.dtype, self.device.type))
+                run_worker(self._group, spec)
                 leave()
                 raise SystemExit(0)
             atexit.register(self.close)

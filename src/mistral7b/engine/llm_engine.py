@@ -61,6 +61,13 @@ class EngineConfig:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows]: a view when the rows are consecutive (a decode step), else one index copy."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return logits[rows[0] : rows[0] + len(rows)]
+    return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
+
 @dataclass
 class PendingStep:
     """A decode step whose greedy picks are still on their way to the host (async scheduling)."""
@@ -221,10 +228,7 @@ class LLMEngine:
             if seq.num_computed == seq.num_tokens:
                 ready.append((seq, first + len(inp.want) - 1))
         if self._may_overlap(inputs, ready):
-            rows = [row for _, row in ready]
-            picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits.index_select(
-                0, torch.tensor(rows, device=logits.device))
-            self._pending = self._launch_picks([seq for seq, _ in ready], picked)
+            self._pending = self._launch_picks([seq for seq, _ in ready], _rows(logits, [row for _, row in ready]))
             return self._advance()
         events: list[StreamEvent] = []
         for (seq, _), sample in zip(ready, self._choose(ready, logits)):
@@ -282,9 +286,7 @@ class LLMEngine:
                                            tokens=tokens)
             for seq in seqs:
                 seq.num_computed += 1  # its input token reaches the host below, with the pending step's picks
-            picked = logits[: len(seqs)] if rows == list(range(len(seqs))) else logits.index_select(
-                0, torch.tensor(rows, device=logits.device))
-            ahead = self._launch_picks(seqs, picked)
+            ahead = self._launch_picks(seqs, _rows(logits, rows))
         if pending.done is not None:
             pending.done.synchronize()
         tokens_host = pending.host.tolist()
@@ -306,11 +308,7 @@ class LLMEngine:
         chosen: list[Sample | None] = [None] * len(ready)
         plain = [i for i, (seq, _) in enumerate(ready) if self._plain(seq)]
         if plain:
-            picked = [ready[i][1] for i in plain]
-            if picked == list(range(picked[0], picked[0] + len(picked))):  # a decode step: rows in order
-                rows = logits[picked[0] : picked[0] + len(picked)]
-            else:
-                rows = logits.index_select(0, torch.tensor(picked, device=logits.device))
+            rows = _rows(logits, [ready[i][1] for i in plain])
             tokens = rows.argmax(-1)
             logprobs = None
             if any(ready[i][0].params.logprobs for i in plain):

@@ -50,8 +50,9 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None  # wq, wk, wv fused for inference (model/fuse.py)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, freqs: torch.Tensor | None, meta: Any, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
+        """`freqs` may be None on the kernel path with a fused projection (the kernel rotates)."""
         B, T, _ = x.shape
         if self.wqkv is not None and getattr(meta, "kernel", None) is not None:  # rotate + store + attend
             out = cache.attend_qkv(layer, self.wqkv(x), meta)  # type: ignore[union-attr]
@@ -150,19 +151,19 @@ class Transformer(nn.Module):
             meta = cache.prepare(positions)
         elif meta is None:
             meta = AttentionMetadata.without_cache(positions, self.args.sliding_window, segment_ids)
-        freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
         # The residual stream runs in the norms' dtype (embeddings may be stored narrower when quantized).
         h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)
         if getattr(meta, "kernel", None) is not None and all(
                 layer.attention.wqkv is not None and layer.feed_forward.w13 is not None for layer in self.layers):
-            return self._forward_fused(h, freqs, meta, cache, logits_index)
+            return self._forward_fused(h, meta, cache, logits_index)
+        freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, cache, i)
         if logits_index is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
         return self.output(self.norm(h)).float()
 
-    def _forward_fused(self, h: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None,
+    def _forward_fused(self, h: torch.Tensor, meta: Any, cache: KVCache | None,
                        logits_index: torch.Tensor | None) -> torch.Tensor:
         """The same blocks on the GPU kernel path: each residual add is fused into the RMSNorm after it
         (kernels/norms.py), and SwiGLU's product is one kernel; the results equal the plain loop's."""
@@ -170,7 +171,7 @@ class Transformer(nn.Module):
         residual, delta = h, None
         for i, layer in enumerate(self.layers):
             residual, x = add_rms_norm(residual, delta, layer.attention_norm.weight, eps)
-            attn = layer.attention(x, freqs, meta, cache, i)
+            attn = layer.attention(x, None, meta, cache, i)  # the rotation happens in the rotary-store kernel
             residual, x = add_rms_norm(residual, attn, layer.ffn_norm.weight, eps)
             ff = layer.feed_forward
             delta = ff.w2(silu_mul(ff.w13(x)))  # type: ignore[misc]
