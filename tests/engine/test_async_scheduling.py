@@ -88,10 +88,10 @@ def test_on_the_kernel_path(model):
     tensor, as on a GPU."""
     import copy
 
-    from mistral7b.kernels import paged_attention as pa
+    from mistral7b import kernels
     from mistral7b.model.fuse import fuse_projections
 
-    if not pa.available():
+    if not kernels.available():
         pytest.skip("triton is not installed")
     import torch
 

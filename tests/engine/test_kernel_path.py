@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from mistral7b.kernels import paged_attention as pa
+from mistral7b import kernels
 from mistral7b.model.fuse import fuse_projections
 from tests.conftest import engine_generate, random_model, tiny_args
 from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make_prompts
 
-pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 
 W = 8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,9 +14,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402  (before triton is 
 import pytest
 import torch
 
+from mistral7b import kernels
 from mistral7b.kernels import paged_attention as pa
 
-pytestmark = pytest.mark.skipif(not pa.available(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU runs the compiled kernels, a CPU the interpreter
 
 

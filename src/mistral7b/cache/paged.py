@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral7b.config import ModelArgs
-from mistral7b.kernels import paged_attention as kernel
-from mistral7b.kernels.rotary_store import rotary_store
+from mistral7b import kernels
 from mistral7b.model.attention import window_mask
 from mistral7b.model.rope import inv_frequencies
 
@@ -120,10 +119,15 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         if attention not in ("auto", "torch", "triton"):
             raise ValueError(f"attention must be auto, torch or triton, got {attention!r}")
-        if attention == "triton" and not kernel.available():
+        if attention == "triton" and not kernels.available():
             raise ValueError("attention='triton' needs the triton package")
         self.use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
-                                                    and kernel.available())
+                                                    and kernels.available())
+        if self.use_kernel:  # imported here: Triton's import is slow and the CPU path never needs it
+            from mistral7b.kernels import paged_attention
+            from mistral7b.kernels.rotary_store import rotary_store
+
+            self._kernels, self._rotary_store = paged_attention, rotary_store
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks if self.use_kernel else None
         self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta, self.device)
@@ -196,7 +200,7 @@ class PagedKVCache:
             launches.append(KernelLaunch(torch.arange(len(decodes), **to), torch.zeros(len(decodes), **to),
                                          self.decode_block_q, self.decode_splits(len(decodes), keys)))
         if prefills:
-            seqs, firsts = kernel.query_tiles([0] * len(decodes) + [s.n for s in prefills], self.prefill_block_q)
+            seqs, firsts = self._kernels.query_tiles([0] * len(decodes) + [s.n for s in prefills], self.prefill_block_q)
             launches.append(KernelLaunch(torch.tensor(seqs, **to), torch.tensor(firsts, **to), self.prefill_block_q))
         return KernelMetadata(block_tables=tables.to(self.device), seq_lens=torch.tensor(
             [s.start + s.n for s in spans], **to), query_start=torch.tensor(starts, **to), launches=launches)
@@ -235,14 +239,14 @@ class PagedKVCache:
         """The kernel path from a fused projection qkv [1, N, (H + 2 H_kv) D] (not yet rotated): rotate, store
         k/v, attend; returns [1, N, H, D]."""
         assert meta.kernel is not None
-        q = rotary_store(qkv[0], meta.positions[0], self.inv_freq, meta.slot_mapping, self.k[layer], self.v[layer],
-                         self.n_heads)
+        q = self._rotary_store(qkv[0], meta.positions[0], self.inv_freq, meta.slot_mapping, self.k[layer],
+                               self.v[layer], self.n_heads)
         return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
 
     def _kernel_attend(self, layer: int, q: torch.Tensor, km: KernelMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         for launch in km.launches:
-            kernel.paged_attention(q, self.k[layer], self.v[layer], km.block_tables, km.seq_lens, km.query_start,
+            self._kernels.paged_attention(q, self.k[layer], self.v[layer], km.block_tables, km.seq_lens, km.query_start,
                                    launch.tile_seq, launch.tile_q, self.window, launch.block_q, launch.num_splits,
                                    out=out)
         return out

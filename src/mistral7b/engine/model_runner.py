@@ -84,7 +84,8 @@ class ModelRunner:
             if not on_device:
                 tokens.extend(plan.tokens[i])
         self.cache.zero_blocks(plan.new_blocks)
-        ids = plan.tokens.view(1, -1) if on_device else torch.tensor([tokens], device=self.device)  # type: ignore[union-attr]
+        ids = (plan.tokens.view(1, -1) if on_device  # type: ignore[union-attr]
+               else torch.tensor([tokens], device=self.device))
         # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
         logits = self.model(ids, meta.positions, self.cache,
                             logits_index=torch.tensor(index or [0], device=self.device), meta=meta)

@@ -33,10 +33,6 @@ except ImportError:  # CPU installs without Triton: the kernel is unavailable, t
 # The running max starts at -1e30, not -inf, so a tile that sees no key in an iteration stays NaN-free.
 
 
-def available() -> bool:
-    return triton is not None
-
-
 def query_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[int]]:
     """(sequence, first query) of each tile: ceil(len / block_q) tiles per sequence, in order."""
     seqs, firsts = [], []

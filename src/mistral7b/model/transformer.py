@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.config import ModelArgs
-from mistral7b.kernels.norms import add_rms_norm, silu_mul
 from mistral7b.model.attention import AttentionMetadata, dense_attention
 from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
@@ -167,6 +166,8 @@ class Transformer(nn.Module):
                        logits_index: torch.Tensor | None) -> torch.Tensor:
         """The same blocks on the GPU kernel path: each residual add is fused into the RMSNorm after it
         (kernels/norms.py), and SwiGLU's product is one kernel; the results equal the plain loop's."""
+        from mistral7b.kernels.norms import add_rms_norm, silu_mul  # Triton: imported on this path only
+
         eps = self.args.norm_eps
         residual, delta = h, None
         for i, layer in enumerate(self.layers):
