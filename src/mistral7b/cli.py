@@ -263,13 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except Mistral7BError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        return 130
+        code = 130
+    from mistral7b.distributed.launch import end_torchrun_driver
+
+    end_torchrun_driver(code)  # rank 0 of a torchrun group ends here (no-op otherwise)
+    return code
 
 
 if __name__ == "__main__":

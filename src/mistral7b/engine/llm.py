@@ -17,7 +17,7 @@ from typing import Any, Union
 import torch
 
 from mistral7b.default_model import default_model_path
-from mistral7b.distributed.launch import WorkerSpec, leave, run_worker, start_group, stop_group
+from mistral7b.distributed.launch import WorkerSpec, end_torchrun_worker, run_worker, start_group, stop_group
 from mistral7b.distributed.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
@@ -133,8 +133,7 @@ class LLM:
             self.device, shard = self._group.device, self._group.shard
             if shard.rank != 0:  # a torchrun worker: serve the driver's steps, then end the process
                 run_worker(self._group, spec)
-                leave()
-                raise SystemExit(0)
+                end_torchrun_worker(self._group)
             atexit.register(self.close)
         self.model = build_model(checkpoint, self.dtype, self.device, progress=progress, quantize=load_quantized,
                                  shard=shard)
