@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mistral7b.cache.upload import upload
 from mistral7b.config import ModelArgs
 from mistral7b import kernels
 from mistral7b.model.attention import window_mask
@@ -151,7 +152,7 @@ class PagedKVCache:
     def zero_blocks(self, blocks: Seq[int]) -> None:
         if not blocks:
             return
-        idx = torch.tensor(list(blocks), dtype=torch.long, device=self.device)
+        idx = upload(list(blocks), self.device, torch.long)
         for t in self.k + self.v:
             t.index_fill_(1, idx, 0)
 
@@ -171,10 +172,11 @@ class PagedKVCache:
             for p in range(span.start, span.start + span.n):
                 positions.append(p)
                 slots.append(span.block_table[p // bs] * bs + p % bs)
-        to = dict(dtype=torch.long, device=self.device)
+        dev = self.device
+        positions_t, slots_t = upload([positions], dev, torch.long), upload(slots, dev, torch.long)
         if self.use_kernel:
-            return PagedMetadata(positions=torch.tensor([positions], **to), slot_mapping=torch.tensor(slots, **to),
-                                 groups=[], kernel=self._kernel_metadata(decodes, prefills))
+            return PagedMetadata(positions=positions_t, slot_mapping=slots_t, groups=[],
+                                 kernel=self._kernel_metadata(decodes, prefills))
         groups = []
         if decodes:
             groups.append(self._group(0, decodes))
@@ -182,8 +184,7 @@ class PagedKVCache:
         for span in prefills:
             groups.append(self._group(offset, [span]))
             offset += span.n
-        return PagedMetadata(positions=torch.tensor([positions], **to), slot_mapping=torch.tensor(slots, **to),
-                             groups=groups)
+        return PagedMetadata(positions=positions_t, slot_mapping=slots_t, groups=groups)
 
     def _kernel_metadata(self, decodes: Seq[Span], prefills: Seq[Span]) -> KernelMetadata:
         spans = [*decodes, *prefills]
@@ -192,18 +193,19 @@ class PagedKVCache:
         starts = [0]
         for n in lens:
             starts.append(starts[-1] + n)
-        to = dict(dtype=torch.int32, device=self.device)
+        dev, i32 = self.device, torch.int32
         launches = []
         if decodes:
             window = self.window or 1 << 62
             keys = max(min(s.start + 1, window) for s in decodes)
-            launches.append(KernelLaunch(torch.arange(len(decodes), **to), torch.zeros(len(decodes), **to),
+            launches.append(KernelLaunch(torch.arange(len(decodes), dtype=i32, device=dev),
+                                         torch.zeros(len(decodes), dtype=i32, device=dev),
                                          self.decode_block_q, self.decode_splits(len(decodes), keys)))
         if prefills:
             seqs, firsts = self._kernels.query_tiles([0] * len(decodes) + [s.n for s in prefills], self.prefill_block_q)
-            launches.append(KernelLaunch(torch.tensor(seqs, **to), torch.tensor(firsts, **to), self.prefill_block_q))
-        return KernelMetadata(block_tables=tables.to(self.device), seq_lens=torch.tensor(
-            [s.start + s.n for s in spans], **to), query_start=torch.tensor(starts, **to), launches=launches)
+            launches.append(KernelLaunch(upload(seqs, dev, i32), upload(firsts, dev, i32), self.prefill_block_q))
+        return KernelMetadata(block_tables=upload(tables, dev), seq_lens=upload([s.start + s.n for s in spans], dev,
+                              i32), query_start=upload(starts, dev, i32), launches=launches)
 
     def _group(self, start: int, spans: Seq[Span]) -> AttentionGroup:
         bs = self.block_size
@@ -221,7 +223,7 @@ class PagedKVCache:
         ends = torch.tensor([s.start + s.n for s in spans])[:, None]
         k_pos = k_pos.masked_fill(k_pos >= ends, -1)  # padding, and slots not written yet
         q_pos = torch.tensor([s.start for s in spans])[:, None] + torch.arange(queries)[None]
-        mask = window_mask(q_pos, k_pos, self.window).to(self.device)
+        mask = upload(window_mask(q_pos, k_pos, self.window), self.device)
         bias = None
         if queries == 1 and self.device.type == "cpu":
             bias = torch.zeros(len(spans), mask.shape[-1], dtype=torch.float32, device=self.device)
@@ -231,7 +233,7 @@ class PagedKVCache:
             block_range = (ids[0], ids[0] + len(ids))
         else:
             heads = torch.arange(self.n_kv_heads)[:, None] * self.num_blocks
-            block_ids = (heads + torch.tensor(ids)[None]).flatten().to(self.device)
+            block_ids = upload((heads + torch.tensor(ids)[None]).flatten(), self.device)
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
                               block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from mistral7b.cache.paged import KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span, block_tables
+from mistral7b.cache.upload import upload
 from mistral7b.model.transformer import Transformer
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -111,7 +112,7 @@ class DecodeGraphs:
         self.slots[:n] = gpu[2]
         self.seq_lens[:n] = gpu[3]
         table = block_tables(spans)
-        self.block_tables[:n, : table.shape[1]].copy_(table)
+        self.block_tables[:n, : table.shape[1]].copy_(upload(table, self.cache.device))
         if b > n:
             self._pad_from(n)
         graph, logits = self.graphs[b]

@@ -16,6 +16,7 @@ import torch
 
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
+from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
@@ -65,7 +66,7 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """logits[rows]: a view when the rows are consecutive (a decode step), else one index copy."""
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return logits[rows[0] : rows[0] + len(rows)]
-    return logits.index_select(0, torch.tensor(rows, device=logits.device))
+    return logits.index_select(0, upload(rows, logits.device, torch.long))
 
 
 @dataclass
@@ -281,7 +282,7 @@ class LLMEngine:
         if (seqs and not self.scheduler.waiting and all(self._plain(seq, ahead=1) for seq in seqs)
                 and all([self.blocks.allocate(seq, 1) for seq in seqs])):
             tokens = pending.tokens if len(alive) == len(pending.seqs) else pending.tokens.index_select(
-                0, torch.tensor(alive, device=pending.tokens.device))
+                0, upload(alive, pending.tokens.device, torch.long))
             logits, rows = self.runner.run([StepInput(seq, 1, [0]) for seq in seqs], self.blocks.take_new_blocks(),
                                            tokens=tokens)
             for seq in seqs:

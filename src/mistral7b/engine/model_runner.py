@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.sequence import Sequence
@@ -85,8 +86,8 @@ class ModelRunner:
                 tokens.extend(plan.tokens[i])
         self.cache.zero_blocks(plan.new_blocks)
         ids = (plan.tokens.view(1, -1) if on_device  # type: ignore[union-attr]
-               else torch.tensor([tokens], device=self.device))
+               else upload([tokens], self.device, torch.long))
         # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
         logits = self.model(ids, meta.positions, self.cache,
-                            logits_index=torch.tensor(index or [0], device=self.device), meta=meta)
+                            logits_index=upload(index or [0], self.device, torch.long), meta=meta)
         return logits, [offsets[i] for i in range(len(spans))]
