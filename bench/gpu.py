@@ -42,7 +42,7 @@ Targets (issue): batch-1 >= 90% of floor; throughput >= 70% of roofline and >= 4
 attention at 16K >= 1.8x faster with W = 4096; KV per sequence bounded by W; 32K decode faster with the window.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu.py --out $OUT/gpu.json [--skip-hf] [--skip-long] [--skip-32k]
-             [--no-cuda-graphs] [--async-scheduling] [--attention torch|triton] [--checkpoint DIR (kept, reused)]
+             [--no-cuda-graphs] [--no-async-scheduling] [--attention torch|triton] [--checkpoint DIR (kept, reused)]
 CPU smoke test (tiny model, every code path, HF in float32): PYTHONPATH=src python bench/gpu.py --tiny
 """
 
@@ -174,9 +174,10 @@ def roofline(args: ModelArgs, n_req: int, prompt: int, new: int, rate: float, bw
 
 
 def engine_options(a: argparse.Namespace) -> dict[str, Any]:
-    """CUDA graphs on unless --no-cuda-graphs (off on a CPU); --attention; --async-scheduling."""
+    """CUDA graphs on unless --no-cuda-graphs (off on a CPU); --attention; async scheduling as the engine's
+    default (on with CUDA graphs) unless --no-async-scheduling."""
     opts: dict[str, Any] = {"cuda_graphs": not a.no_cuda_graphs and a.device == "cuda",
-                            "async_scheduling": a.async_scheduling}
+                            "async_scheduling": False if a.no_async_scheduling else None}
     if a.attention:
         opts["attention"] = a.attention
     return opts
@@ -467,8 +468,8 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-batch-size", type=int, default=256)
-    p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling (greedy steps "
-                   "launched one ahead of the host's bookkeeping)")
+    p.add_argument("--no-async-scheduling", action="store_true", help="read each greedy decode step back before "
+                   "launching the next (default with CUDA graphs: launch the next first)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="shard ours over N GPUs (started by LLM itself; compare with a run at 1)")
     p.add_argument("--hf-batches", default=None, help="HF generate batch sizes (default 32,64,128)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+from mistral7b.errors import RequestError
 from mistral7b.engine.sampling_params import SamplingParams
 from tests.conftest import random_model, reference_greedy, tiny_args
 from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make_prompts, run
@@ -100,3 +101,15 @@ def test_on_the_kernel_path(model):
     params = [greedy(W + 2), greedy(5)]
     out = run(engine(fused, attention="triton"), prompts, params)
     assert_equal_to_core_path(model, prompts, params, out)
+
+
+def test_default_is_on_only_with_cuda_graphs(model):
+    """async_scheduling=None (the default) runs ahead only where decode steps replay CUDA graphs: on a CPU every
+    step is read back before the next; a value other than true/false/None is refused."""
+    e = engine(model, async_scheduling=None)
+    launched = []
+    e._launch_picks = lambda seqs, logits: launched.append(len(seqs))
+    out = run(e, make_prompts([3, W + 2], seed=4), [greedy(W), greedy(W)])
+    assert launched == [] and all(len(out[i][0][0]) == W for i in out)
+    with pytest.raises(RequestError, match="async_scheduling must be true or false"):
+        EngineConfig(max_model_len=64, async_scheduling="yes").validate()

@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GiB for the KV cache (default 1 on CPU, half the free memory on a GPU)")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     e.add_argument("--no-cuda-graphs", action="store_true", help="GPU: launch decode steps kernel by kernel")
-    e.add_argument("--async-scheduling", action="store_true",
-                   help="launch greedy decode steps one step ahead of the host's bookkeeping")
+    e.add_argument("--no-async-scheduling", action="store_true", help="GPU: read each greedy decode step back "
+                   "before launching the next (default: the next is launched first, overlapping the host's work)")
     add_chat_options(p)
     p.set_defaults(func=run)
 
@@ -75,7 +75,7 @@ def run(a: argparse.Namespace) -> int:
     make_guard = chat_guard(a)
     options = {"block_size": a.block_size, "max_num_batched_tokens": a.max_num_batched_tokens,
                "enable_prefix_caching": not a.no_prefix_caching, "cuda_graphs": not a.no_cuda_graphs,
-               "async_scheduling": a.async_scheduling}
+               "async_scheduling": False if a.no_async_scheduling else None}
     if a.kv_cache_memory is not None:
         options["kv_cache_memory"] = int(a.kv_cache_memory * (1 << 30))
     llm = _llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)

@@ -46,11 +46,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention: str = "auto"  # "torch", "triton" (the paged kernel), or auto: the kernel on CUDA
     cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
-    async_scheduling: bool = False  # greedy decode steps launched one ahead of the host's bookkeeping
+    async_scheduling: bool | None = None  # greedy decode steps launched one ahead of the host's bookkeeping;
+    # None: on where decode steps replay CUDA graphs (measured there: bench/README.md), off elsewhere
 
     def validate(self) -> None:
         for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "async_scheduling" and self.async_scheduling
+                                                                  is None):
                 raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
             value = getattr(self, name)
@@ -251,7 +253,10 @@ class LLMEngine:
     # finished wasted one row of the step launched ahead; its result is dropped. New requests wait until the
     # step in flight is read back, then go through the scheduler as usual.
     def _may_overlap(self, inputs: list[StepInput], ready: list[tuple[Sequence, int]]) -> bool:
-        return (self.config.async_scheduling and self.runner.channel is None and len(ready) == len(inputs)
+        wanted = self.config.async_scheduling
+        if wanted is None:
+            wanted = self.runner.graphs is not None
+        return (wanted and self.runner.channel is None and len(ready) == len(inputs)
                 and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and self._plain(inp.seq)
                         for inp in inputs))
 
