@@ -7,10 +7,6 @@ shuffled block tables with released (null) blocks, and split-key (flash-decoding
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402  (before triton is imported)
-
 import pytest
 import torch
 

@@ -54,8 +54,10 @@ class Attention(nn.Module):
         """`freqs` may be None on the kernel path with a fused projection (the kernel rotates)."""
         B, T, _ = x.shape
         if self.wqkv is not None and getattr(meta, "kernel", None) is not None:  # rotate + store + attend
-            out = cache.attend_qkv(layer, self.wqkv(x), meta)  # type: ignore[union-attr]
-            return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+            from mistral7b.kernels.gemv import project  # Triton: imported on this path only
+
+            out = cache.attend_qkv(layer, project(self.wqkv, x), meta)  # type: ignore[union-attr]
+            return project(self.wo, out.reshape(B, T, self.n_heads * self.head_dim))
         if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
             qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
             n_qk = self.n_heads + self.n_kv_heads
@@ -165,8 +167,10 @@ class Transformer(nn.Module):
     def _forward_fused(self, h: torch.Tensor, meta: Any, cache: KVCache | None,
                        logits_index: torch.Tensor | None) -> torch.Tensor:
         """The same blocks on the GPU kernel path: each residual add is fused into the RMSNorm after it
-        (kernels/norms.py), and SwiGLU's product is one kernel; the results equal the plain loop's."""
-        from mistral7b.kernels.norms import add_rms_norm, silu_mul  # Triton: imported on this path only
+        (kernels/norms.py), SwiGLU's product is one kernel, and a lone token's projections are GEMV kernels
+        with the product folded into w2's (kernels/gemv.py); the results equal the plain loop's."""
+        from mistral7b.kernels.gemv import project, project_swiglu  # Triton: imported on this path only
+        from mistral7b.kernels.norms import add_rms_norm
 
         eps = self.args.norm_eps
         residual, delta = h, None
@@ -175,9 +179,9 @@ class Transformer(nn.Module):
             attn = layer.attention(x, None, meta, cache, i)  # the rotation happens in the rotary-store kernel
             residual, x = add_rms_norm(residual, attn, layer.ffn_norm.weight, eps)
             ff = layer.feed_forward
-            delta = ff.w2(silu_mul(ff.w13(x)))  # type: ignore[misc]
+            delta = project_swiglu(ff.w2, project(ff.w13, x))  # type: ignore[arg-type]
         if logits_index is not None:
             residual = residual.reshape(-1, residual.shape[-1]).index_select(0, logits_index)
             delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)  # type: ignore[union-attr]
         _, normed = add_rms_norm(residual, delta, self.norm.weight, eps)
-        return self.output(normed).float()
+        return project(self.output, normed).float()
