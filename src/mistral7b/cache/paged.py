@@ -166,14 +166,17 @@ class PagedKVCache:
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""
         bs = self.block_size
-        positions: list[int] = []
-        slots: list[int] = []
-        for span in (*decodes, *prefills):
-            for p in range(span.start, span.start + span.n):
-                positions.append(p)
-                slots.append(span.block_table[p // bs] * bs + p % bs)
+        # One entry per decode, then whole pre-fill chunks through numpy (a Python loop over 8K pre-fill tokens
+        # took ~2 ms a step, with the GPU waiting).
+        positions = [np.array([s.start for s in decodes], dtype=np.int64)]
+        slots = [np.array([s.block_table[s.start // bs] * bs + s.start % bs for s in decodes], dtype=np.int64)]
+        for span in prefills:
+            pos = np.arange(span.start, span.start + span.n, dtype=np.int64)
+            positions.append(pos)
+            slots.append(np.asarray(span.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs)
         dev = self.device
-        positions_t, slots_t = upload([positions], dev, torch.long), upload(slots, dev, torch.long)
+        positions_t = upload(np.concatenate(positions)[None], dev, torch.long)
+        slots_t = upload(np.concatenate(slots), dev, torch.long)
         if self.use_kernel:
             return PagedMetadata(positions=positions_t, slot_mapping=slots_t, groups=[],
                                  kernel=self._kernel_metadata(decodes, prefills))
