@@ -8,7 +8,8 @@ every load is a wide contiguous row segment and the reduction happens once at th
 
 With `silu_mul=True` the input is the fused w13 output [gate | up] (2K wide) and x = silu(gate) * up is
 formed tile by tile, rounded to the activation dtype exactly as kernels/norms.silu_mul rounds it, so w2
-needs no separate SwiGLU kernel and the result is bit-for-bit the unfused one's.
+needs no separate SwiGLU kernel and the result is bit-for-bit the unfused one's (one launch fewer a layer;
+on the H200 no faster, 31.2 us against 31.1 for the two kernels).
 
 `project` is the dispatch: a plain nn.Linear on a CUDA float16/bfloat16 weight with one input row takes the
 kernel, anything else (batches, quantized or LoRA layers, CPUs) the module itself.
