@@ -51,9 +51,9 @@ class EngineConfig:
 
     def validate(self) -> None:
         for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
-            if not isinstance(getattr(self, name), bool) and not (name == "async_scheduling" and self.async_scheduling
-                                                                  is None):
-                raise RequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
+                raise RequestError(f"{name} must be true or false, got {value!r}")
         for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs without Triton: `project` falls back to the module
-    triton = None
-    tl = None
+from mistral7b.kernels.norms import silu_mul
+from mistral7b.kernels.paged_attention import tl, triton  # None without Triton: `project` falls back
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per (N, K): the fastest of a sweep on an H200 for Mistral 7B's
 # projections (bench/README.md); other shapes take DEFAULT.
@@ -39,6 +35,7 @@ CONFIGS = {
 DEFAULT = (8, 512, 4, 3)
 
 if triton is not None:
+    from mistral7b.kernels.norms import silu_product
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -61,8 +58,7 @@ if triton is not None:
                 if SILU_MUL:
                     up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
             if SILU_MUL:
-                gate = x.to(tl.float32)
-                x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+                x = silu_product(x.to(tl.float32), up).to(x_ptr.dtype.element_ty)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -99,6 +95,4 @@ def project_swiglu(w2: nn.Module, w13_out: torch.Tensor) -> torch.Tensor:
     """w2(silu(gate) * up) for the fused w13 output [..., 2 * hidden]; one kernel where it applies."""
     if takes_kernel(w2, w13_out[..., : w13_out.shape[-1] // 2]):
         return gemv(w13_out, w2.weight, silu_mul=True)
-    from mistral7b.kernels.norms import silu_mul
-
     return w2(silu_mul(w13_out))

@@ -16,6 +16,12 @@ from mistral7b.kernels.paged_attention import tl, triton
 if triton is not None:
 
     @triton.jit
+    def silu_product(gate, up):
+        """silu(gate) * up in float32 (callers round it to the activation dtype): SwiGLU's product, shared by
+        the kernel below and w2's GEMV (kernels/gemv.py) so both round it the same way."""
+        return gate / (1.0 + tl.exp(-gate)) * up
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, res_ptr, n_cols, eps,
                              HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -38,7 +44,7 @@ if triton is not None:
         ok = cols < hidden
         gate = tl.load(x_ptr + row * 2 * hidden + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * 2 * hidden + hidden + cols, mask=ok, other=0.0).to(tl.float32)
-        out = gate / (1.0 + tl.exp(-gate)) * up
+        out = silu_product(gate, up)
         tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
