@@ -105,6 +105,11 @@ class Span:
     first_live_block: int
 
 
+def decode_slots(spans: Seq[Span], block_size: int) -> list[int]:
+    """The cache slot (block * block_size + offset) of each decode span's one position."""
+    return [s.block_table[s.start // block_size] * block_size + s.start % block_size for s in spans]
+
+
 class PagedKVCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", attention: str = "auto"):
@@ -169,7 +174,7 @@ class PagedKVCache:
         # One entry per decode, then whole pre-fill chunks through numpy (a Python loop over 8K pre-fill tokens
         # took ~2 ms a step, with the GPU waiting).
         positions = [np.array([s.start for s in decodes], dtype=np.int64)]
-        slots = [np.array([s.block_table[s.start // bs] * bs + s.start % bs for s in decodes], dtype=np.int64)]
+        slots = [np.array(decode_slots(decodes, bs), dtype=np.int64)]
         for span in prefills:
             pos = np.arange(span.start, span.start + span.n, dtype=np.int64)
             positions.append(pos)

@@ -15,7 +15,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from mistral7b.cache.paged import KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span, block_tables
+from mistral7b.cache.paged import (KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span, block_tables,
+                                   decode_slots)
 from mistral7b.cache.upload import upload
 from mistral7b.model.transformer import Transformer
 
@@ -96,14 +97,12 @@ class DecodeGraphs:
         rows' input ids, a list, or a tensor on the GPU (async scheduling: the previous step's picks)."""
         n = len(spans)
         b = next(b for b in self.buckets if b >= n)
-        bs = self.cache.block_size
         self.turn ^= 1
         stage, staged = self.staging[self.turn], self.staged[self.turn]
         staged.synchronize()  # the copy out of this buffer two steps ago is done
         starts = [s.start for s in spans]
         ids = [0] * n if isinstance(tokens, torch.Tensor) else tokens
-        stage[:3, :n] = torch.tensor([ids, starts, [s.block_table[p // bs] * bs + p % bs
-                                                     for s, p in zip(spans, starts)]])
+        stage[:3, :n] = torch.tensor([ids, starts, decode_slots(spans, self.cache.block_size)])
         stage[3, :n] = stage[1, :n] + 1
         gpu = stage[:, :n].to(self.cache.device, non_blocking=True)
         staged.record()
