@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
-from mistral7b.errors import RequestError
 from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.errors import RequestError
 from tests.conftest import random_model, reference_greedy, tiny_args
 from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make_prompts, run
 
