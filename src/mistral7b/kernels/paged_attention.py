@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from mistral7b.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -44,6 +46,7 @@ def query_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[in
 
 
 if triton is not None:
+    from mistral7b.kernels.pdl import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
@@ -79,11 +82,14 @@ if triton is not None:
         stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
         G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         seq = tl.load(tile_seq_ptr + tile)
         q0 = tl.load(tile_q_ptr + tile)
         q_begin = tl.load(query_start_ptr + seq)
@@ -156,9 +162,12 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_ptr, stat_ptr, out_ptr, n_tokens, n_heads, stride_ot, stride_oh,
-                      SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+                      SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         sp = tl.arange(0, S_PAD)
         ok = sp < SPLITS
         flat = (sp * n_tokens + t) * n_heads + h
@@ -169,6 +178,15 @@ if triton is not None:
         acc = tl.load(part_ptr + flat[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / tl.maximum(tl.sum(l * w, 0), 1e-30)
         tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _warps(rows: int) -> int:
+    """Warps of a tile of `rows` query rows: decode tiles (16 rows: a GQA group of 4 padded) stream their keys
+    fastest with 2 (an H200, 256 sequences x 640 keys: 167 us a layer against 174 with 4; bench/README.md)."""
+    return DECODE_WARPS if rows <= 16 else 4 if rows <= 64 else 8
+
+
+DECODE_WARPS = 2
 
 
 def paged_attention(
@@ -210,6 +228,7 @@ def paged_attention(
         part = torch.empty((num_splits, N, H, D), dtype=torch.float32, device=q.device)
         stats = torch.empty((2, num_splits, N, H), dtype=torch.float32, device=q.device)
     grid = (tiles, H_kv, num_splits)
+    use_pdl = pdl.enabled(q.device, N)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part, stats, block_tables, seq_lens, query_start, tile_seq, tile_q,
         D**-0.5, window or 0, N, H,
@@ -217,11 +236,12 @@ def paged_attention(
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
-        num_warps=num_warps or (4 if block_q * g_pad <= 64 else 8), num_stages=num_stages,
+        PDL=use_pdl, num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages,
+        **pdl.launch(use_pdl),
     )
     if num_splits > 1:
         _merge_kernel[(N, H)](part, stats, out, N, H, out.stride(0), out.stride(1), SPLITS=num_splits,
-                              S_PAD=triton.next_power_of_2(num_splits), D=D)
+                              S_PAD=triton.next_power_of_2(num_splits), D=D, PDL=use_pdl, **pdl.launch(use_pdl))
     return out
 
 
