@@ -25,7 +25,7 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
-from mistral7b.runtime import tune_allocator
+from mistral7b.runtime import allocator_for_compute, tune_allocator
 from mistral7b.loading import Checkpoint, open_checkpoint
 from mistral7b.model.build import QUANTIZE_MODES, build_model, quantizes
 from mistral7b.model.fuse import fuse_projections
@@ -155,6 +155,7 @@ class LLM:
             **(engine_options or {})), channel=self._group.channel if self._group else None)
         self._pending: dict[Any, collections.deque[StreamEvent]] = {}
         self._request_ids = itertools.count()
+        allocator_for_compute()  # loaded: step buffers from the heap from now on (runtime.py)
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
