@@ -48,3 +48,28 @@ def test_kernel_path_without_window_and_mha():
     out, engine = engine_generate(copy.deepcopy(model).to(DEVICE), prompts, params, chunk_size=16, block_size=4,
                                   attention="triton")
     assert_equal_to_core_path(model, prompts, params, out)
+
+
+def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch):
+    """Every one-row projection through the GEMV kernel, wqkv's with RoPE and the cache store folded in (on a
+    GPU that is bfloat16 only; here forced for float32 so the engine can be held to the core path)."""
+    from torch import nn
+
+    from mistral7b.kernels import gemv as gemv_module
+
+    taken = []
+
+    def takes_kernel(module, x):
+        taken.append(type(module) is nn.Linear and x.numel() == x.shape[-1])
+        return taken[-1]
+
+    monkeypatch.setattr(gemv_module, "takes_kernel", takes_kernel)
+    model = fuse_projections(copy.deepcopy(windowed).to(DEVICE))
+    prompts = make_prompts([3 * W + 2], seed=12)
+    params = [greedy(2 * W + 3)]
+    out, engine = engine_generate(model, prompts, params, chunk_size=W + 1, block_size=4, attention="triton",
+                                  enable_prefix_caching=False)
+    # wqkv, wo, w13, w2 and the output at every decode step (on a GPU decode steps replay CUDA graphs, so the
+    # dispatch runs only while they are captured)
+    assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))
+    assert_equal_to_core_path(windowed, prompts, params, out)

@@ -65,3 +65,26 @@ def test_dispatch_takes_only_one_row_through_plain_float_linears():
         assert takes_kernel(layer, one.cuda()) and not takes_kernel(layer, two.cuda())
         assert not takes_kernel(layer.float(), one.cuda().float())  # float32 keeps cuBLAS
         assert not takes_kernel(nn.Linear(32, 8).cuda().bfloat16(), one.cuda())  # a bias
+
+
+@pytest.mark.parametrize("block_n", [4, 8, 16, 32])
+def test_rotary_epilogue_equals_rotary_store(block_n, monkeypatch):
+    """wqkv's GEMV with RoPE and the cache store folded in == the GEMV, then kernels/rotary_store."""
+    from mistral7b.kernels import gemv as gemv_module
+    from mistral7b.kernels.rotary_store import rotary_store
+    from mistral7b.model.rope import inv_frequencies
+
+    H, H_kv, D, K, bs = 4, 2, 16, 48, 4
+    N = (H + 2 * H_kv) * D
+    monkeypatch.setitem(gemv_module.CONFIGS, (N, K), (block_n, 64, 4, 2))  # 32: halved to stay in one head
+    w, x = _weights(N, K, torch.float32, seed=9)
+    inv_freq = inv_frequencies(D, 1e6, DEVICE)
+    for position, slot in ((0, 1), (4095, 13), (70000, 7)):
+        pos, slots = torch.tensor([position], device=DEVICE), torch.tensor([slot], device=DEVICE)
+        k_want, v_want = torch.zeros(2, H_kv, 5, bs, D, device=DEVICE)
+        q_want = rotary_store(gemv_module.gemv(x, w).view(1, N), pos, inv_freq, slots, k_want, v_want, H)
+        k_got, v_got = torch.zeros(2, H_kv, 5, bs, D, device=DEVICE)
+        y = gemv_module.gemv(x, w, rotary=gemv_module.Rotary(pos, slots, inv_freq, k_got, v_got, H))
+        torch.testing.assert_close(y.view(-1)[: H * D].view(H, D), q_want[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k_got, k_want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(v_got, v_want) and v_got.abs().sum() > 0

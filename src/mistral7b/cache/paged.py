@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mistral7b.cache.upload import upload
 from mistral7b.config import ModelArgs
@@ -245,12 +246,20 @@ class PagedKVCache:
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
                               block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
-        """The kernel path from a fused projection qkv [1, N, (H + 2 H_kv) D] (not yet rotated): rotate, store
-        k/v, attend; returns [1, N, H, D]."""
+    def attend_qkv(self, layer: int, wqkv: nn.Module, x: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+        """The kernel path from the fused projection: x [1, N, dim] through wqkv, rotate q and k, store k/v,
+        attend; returns [1, N, H, D]. A lone token does the first three in wqkv's GEMV kernel."""
         assert meta.kernel is not None
-        q = self._rotary_store(qkv[0], meta.positions[0], self.inv_freq, meta.slot_mapping, self.k[layer],
-                               self.v[layer], self.n_heads)
+        from mistral7b.kernels.gemv import Rotary, gemv, project, takes_kernel
+
+        if takes_kernel(wqkv, x):
+            rotary = Rotary(meta.positions[0], meta.slot_mapping, self.inv_freq, self.k[layer], self.v[layer],
+                            self.n_heads)
+            q = gemv(x, wqkv.weight, rotary=rotary).view(-1)[: self.n_heads * self.head_dim]
+            q = q.view(1, self.n_heads, self.head_dim)
+        else:
+            q = self._rotary_store(project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
+                                   self.k[layer], self.v[layer], self.n_heads)
         return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
 
     def _kernel_attend(self, layer: int, q: torch.Tensor, km: KernelMetadata) -> torch.Tensor:

@@ -56,7 +56,7 @@ class Attention(nn.Module):
         if self.wqkv is not None and getattr(meta, "kernel", None) is not None:  # rotate + store + attend
             from mistral7b.kernels.gemv import project  # Triton: imported on this path only
 
-            out = cache.attend_qkv(layer, project(self.wqkv, x), meta)  # type: ignore[union-attr]
+            out = cache.attend_qkv(layer, self.wqkv, x, meta)  # type: ignore[union-attr]
             return project(self.wo, out.reshape(B, T, self.n_heads * self.head_dim))
         if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
             qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
