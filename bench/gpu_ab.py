@@ -1,0 +1,136 @@
+"""A/B of the GPU decode switches in one process: the same random Mistral-7B-shaped model, one engine per variant.
+
+bench/gpu.py measures the engine as shipped; this one measures what each switch is worth on the same GPU in the
+same minute (machines differ by a few percent in their ceilings, so comparisons across runs are weaker):
+- batch 1 (512-token prompt, 256 greedy tokens, best of 3): programmatic dependent launch on / off
+  (MISTRAL7B_PDL, kernels/pdl.py), and RoPE + k/v store folded into wqkv's GEMV or done by the separate
+  rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); the tokens of each variant are compared with the
+  first's (PDL must not change one; the fold may flip bf16 near-ties on random weights);
+- 256 requests of 512 in / 256 out: decode attention tiles with 2 or 4 warps (kernels/paged_attention.DECODE_WARPS).
+
+Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 2 minutes on an H200; no checkpoint is written)
+CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Any
+
+if "--tiny" in sys.argv:  # before Triton is imported: kernels defined now run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from mistral7b.cache import paged  # noqa: E402
+from mistral7b.config import ModelArgs  # noqa: E402
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
+from mistral7b.kernels import paged_attention  # noqa: E402
+from mistral7b.model.fuse import fuse_projections  # noqa: E402
+from mistral7b.model.transformer import Transformer  # noqa: E402
+
+FOLDED = paged.PagedKVCache.attend_qkv
+
+
+def unfolded(self: paged.PagedKVCache, layer: int, wqkv: Any, x: torch.Tensor, meta: Any) -> torch.Tensor:
+    """attend_qkv with the projection and the rotary-store kernel apart (the path before the fold)."""
+    from mistral7b.kernels.gemv import project
+
+    q = self._rotary_store(project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
+                           self.k[layer], self.v[layer], self.n_heads)
+    return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
+
+
+def configure(pdl: bool = True, fold: bool = True, warps: int = 2) -> None:
+    os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
+    paged.PagedKVCache.attend_qkv = FOLDED if fold else unfolded  # type: ignore[method-assign]
+    paged_attention.DECODE_WARPS = warps
+
+
+def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device).to(dtype).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02)
+    return fuse_projections(model)
+
+
+def decode(engine: LLMEngine, ids: list[int], n: int) -> tuple[float, list[int]]:
+    engine.add_request("b1", ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    times, tokens = [], []
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.token_id is not None:
+                times.append(time.perf_counter())
+                tokens.append(e.token_id)
+    return (len(times) - 1) / (times[-1] - times[0]), tokens
+
+
+def throughput(engine: LLMEngine, requests: int, prompt: int, new: int, vocab: int, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)  # a new seed each run: no prefix-cache hits from the last one
+    for i in range(requests):
+        engine.add_request((seed, i), torch.randint(0, vocab, (prompt,), generator=g).tolist(),
+                           SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    t0, n = time.perf_counter(), 0
+    while engine.has_unfinished():
+        n += sum(1 for e in engine.step() if e.token_id is not None)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (Triton's interpreter)")
+    a = p.parse_args()
+    if a.tiny:
+        args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                         vocab_size=256, rope_theta=10000.0, sliding_window=32)
+        device, dtype, prompt, new, requests, reps = "cpu", torch.float32, 24, 8, 4, 1
+    else:
+        args = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                         norm_eps=1e-5, vocab_size=32000, rope_theta=10000.0, sliding_window=4096)
+        device, dtype, prompt, new, requests, reps = "cuda", torch.bfloat16, 512, 256, 256, 3
+    model = random_model(args, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (prompt,), generator=g).tolist()
+    warm = torch.randint(0, args.vocab_size, (prompt,), generator=g).tolist()
+    options = dict(max_model_len=2 * prompt + new, chunk_size=2048, max_num_batched_tokens=8192,
+                   attention="triton")
+
+    first = None
+    for label, kw in [("PDL, RoPE in wqkv's GEMV (shipped)", {}), ("no PDL", dict(pdl=False)),
+                      ("PDL, separate rotary-store kernel", dict(fold=False))]:
+        configure(**kw)
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, **options))
+        decode(engine, warm, 32)
+        runs = [decode(engine, ids, new) for _ in range(reps)]
+        tokens = runs[-1][1]
+        first = first or tokens
+        same = next((i for i, (x, y) in enumerate(zip(tokens, first)) if x != y), len(tokens))
+        print(f"batch 1, {label:36s} {max(r for r, _ in runs):7.1f} tok/s "
+              f"(runs {', '.join(f'{r:.1f}' for r, _ in runs)}); tokens equal to the first variant's: "
+              f"{same}/{len(tokens)}", flush=True)
+        del engine
+        gc.collect()
+
+    for label, warps in [("2 warps (shipped)", 2), ("4 warps", 4)]:
+        configure(warps=warps)
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options))
+        throughput(engine, requests, prompt, 8, args.vocab_size, seed=1)
+        rates = [throughput(engine, requests, prompt, new, args.vocab_size, seed=s) for s in (2, 3)]
+        print(f"{requests} requests, decode attention tiles with {label:18s} {max(rates):9,.0f} output tok/s "
+              f"(runs {', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
+        del engine
+        gc.collect()
+    configure()
+
+
+if __name__ == "__main__":
+    main()
