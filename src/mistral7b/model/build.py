@@ -66,7 +66,7 @@ def build_model(
     if shard is not None and quantize is not None:
         raise CheckpointError("tensor parallelism loads float weights only: use quantize none")
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, init_embeddings=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     types = checkpoint.stored_types()
     linear_names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}

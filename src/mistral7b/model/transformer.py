@@ -104,10 +104,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, init_embeddings: bool = True):
+        """`init_embeddings=False` leaves the table uninitialised, for weights loaded next (model/build.py): on
+        the meta device nn.Embedding's random init imports torch._dynamo, 1.3 s of a command's first token."""
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        table = None if init_embeddings else torch.empty(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=table)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
