@@ -22,7 +22,7 @@ def test_only_one_token_steps_on_cuda_and_switchable(monkeypatch):
     assert not pdl.enabled(torch.device("cuda"), 2)  # decided before any CUDA call: batches launch plainly
     monkeypatch.setenv("MISTRAL7B_PDL", "0")
     assert not pdl.enabled(torch.device("cuda"), 1)
-    assert pdl.launch(False) == {} and pdl.launch(True) == {"launch_pdl": True}
+    assert pdl.options(torch.device("cpu"), 1) == {"PDL": False}  # no launch_pdl for the interpreter
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,

@@ -46,7 +46,7 @@ DEFAULT = (8, 512, 4, 3)
 
 if triton is not None:
     from mistral7b.kernels.norms import silu_product
-    from mistral7b.kernels.pdl import gdc_launch_dependents, gdc_wait
+    from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
     def _input_tile(x_ptr, cols, col_ok, K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
@@ -78,9 +78,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         acc = w.to(tl.float32) * _input_tile(x_ptr, cols, col_ok, K, EVEN_K, SILU_MUL)[None, :]
         for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -156,12 +154,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: 
         assert N == (H + 2 * H_kv) * D and D % 2 == 0 and rotary.v_cache.stride() == rotary.k_cache.stride()
         while D % block_n or block_n % 2:  # a program's rows stay within one head
             block_n = block_n // 2 if block_n > 2 else 2
-    use_pdl = pdl.enabled(x.device, 1)
     _gemv_kernel[(triton.cdiv(N, block_n),)](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides,
                                              BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
                                              SILU_MUL=silu_mul, ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D,
-                                             BLOCK_SIZE=bs, PDL=use_pdl, num_warps=warps, num_stages=stages,
-                                             **pdl.launch(use_pdl))
+                                             BLOCK_SIZE=bs, num_warps=warps, num_stages=stages,
+                                             **pdl.options(x.device, 1))
     return y.view(*x.shape[:-1], N)
 
 

@@ -15,7 +15,7 @@ from mistral7b.kernels import pdl
 from mistral7b.kernels.paged_attention import tl, triton
 
 if triton is not None:
-    from mistral7b.kernels.pdl import gdc_launch_dependents, gdc_wait
+    from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
     def silu_product(gate, up):
@@ -29,9 +29,7 @@ if triton is not None:
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_DELTA:
             x += tl.load(delta_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
@@ -47,9 +45,7 @@ if triton is not None:
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < hidden
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         gate = tl.load(x_ptr + row * 2 * hidden + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * 2 * hidden + hidden + cols, mask=ok, other=0.0).to(tl.float32)
         out = silu_product(gate, up)
@@ -68,10 +64,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     if rows:
         d = flat if delta is None else delta.reshape(-1, dim).contiguous()
         block = triton.next_power_of_2(dim)
-        use_pdl = pdl.enabled(x.device, flat.shape[0])
         _add_rms_norm_kernel[(rows,)](flat, d, weight, normed, residual, dim, eps, HAS_DELTA=delta is not None,
-                                      BLOCK=block, PDL=use_pdl, num_warps=8 if block >= 4096 else 4,
-                                      **pdl.launch(use_pdl))
+                                      BLOCK=block, num_warps=8 if block >= 4096 else 4, **pdl.options(x.device, rows))
     return residual.view(x.shape), normed.view(x.shape)
 
 
@@ -82,7 +76,6 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((flat.shape[0], hidden), dtype=x.dtype, device=x.device)
     if flat.shape[0]:
         block = 1024
-        use_pdl = pdl.enabled(x.device, flat.shape[0])
-        _silu_mul_kernel[(flat.shape[0], triton.cdiv(hidden, block))](flat, out, hidden, BLOCK=block, PDL=use_pdl,
-                                                                      num_warps=4, **pdl.launch(use_pdl))
+        _silu_mul_kernel[(flat.shape[0], triton.cdiv(hidden, block))](flat, out, hidden, BLOCK=block, num_warps=4,
+                                                                      **pdl.options(x.device, flat.shape[0]))
     return out.view(*x.shape[:-1], hidden)

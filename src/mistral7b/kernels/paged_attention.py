@@ -46,7 +46,7 @@ def query_tiles(query_lens: list[int], block_q: int) -> tuple[list[int], list[in
 
 
 if triton is not None:
-    from mistral7b.kernels.pdl import gdc_launch_dependents, gdc_wait
+    from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
     def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
@@ -87,9 +87,7 @@ if triton is not None:
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         seq = tl.load(tile_seq_ptr + tile)
         q0 = tl.load(tile_q_ptr + tile)
         q_begin = tl.load(query_start_ptr + seq)
@@ -165,9 +163,7 @@ if triton is not None:
                       SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         sp = tl.arange(0, S_PAD)
         ok = sp < SPLITS
         flat = (sp * n_tokens + t) * n_heads + h
@@ -231,7 +227,6 @@ def paged_attention(
         part = torch.empty((num_splits, N, H, D), dtype=torch.float32, device=q.device)
         stats = torch.empty((2, num_splits, N, H), dtype=torch.float32, device=q.device)
     grid = (tiles, H_kv, num_splits)
-    use_pdl = pdl.enabled(q.device, N)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part, stats, block_tables, seq_lens, query_start, tile_seq, tile_q,
         D**-0.5, window or 0, N, H,
@@ -239,12 +234,11 @@ def paged_attention(
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
-        PDL=use_pdl, num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages,
-        **pdl.launch(use_pdl),
+        num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages, **pdl.options(q.device, N),
     )
     if num_splits > 1:
         _merge_kernel[(N, H)](part, stats, out, N, H, out.stride(0), out.stride(1), SPLITS=num_splits,
-                              S_PAD=triton.next_power_of_2(num_splits), D=D, PDL=use_pdl, **pdl.launch(use_pdl))
+                              S_PAD=triton.next_power_of_2(num_splits), D=D, **pdl.options(q.device, N))
     return out
 
 

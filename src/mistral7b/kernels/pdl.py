@@ -23,9 +23,24 @@ import os
 import torch
 
 try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton
+    triton = tl = None
+try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # no Triton, or one without grid dependency control: PDL stays off
     gdc_launch_dependents = gdc_wait = None
+
+if triton is not None:
+
+    @triton.jit
+    def after_previous(PDL: tl.constexpr):
+        """A kernel's first step with PDL: let the next kernel launch, then wait until the one before has
+        finished and its writes are visible. Only loads of weights may come before it."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
 
 
 @functools.cache
@@ -44,6 +59,7 @@ def enabled(device: torch.device, rows: int) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch(use: bool) -> dict[str, bool]:
-    """The launch keyword for Triton (only given when on: Triton's interpreter does not take it)."""
-    return {"launch_pdl": True} if use else {}
+def options(device: torch.device, rows: int) -> dict[str, bool]:
+    """A launch's keywords: the kernel's PDL constexpr, and Triton's launch_pdl when it is on (only then:
+    Triton's interpreter does not take it)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device, rows) else {"PDL": False}

@@ -15,7 +15,7 @@ from mistral7b.kernels.paged_attention import triton, tl
 
 
 if triton is not None:
-    from mistral7b.kernels.pdl import gdc_launch_dependents, gdc_wait
+    from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
     def _rotary_store_kernel(qkv_ptr, pos_ptr, inv_freq_ptr, slot_ptr, q_out_ptr, k_ptr, v_ptr,
@@ -24,9 +24,7 @@ if triton is not None:
                              PDL: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        after_previous(PDL)
         half = tl.arange(0, D // 2)
         src = qkv_ptr + t * stride_t + h * D
         slot = tl.load(slot_ptr + t)
@@ -61,10 +59,9 @@ def rotary_store(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     q = torch.empty((N, n_heads, D), dtype=qkv.dtype, device=qkv.device)
     if N == 0:
         return q
-    use_pdl = pdl.enabled(qkv.device, N)
     _rotary_store_kernel[(N, n_heads + 2 * H_kv)](
         qkv, positions, inv_freq, slot_mapping, q, k_cache, v_cache,
         qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        H=n_heads, H_KV=H_kv, D=D, BLOCK_SIZE=block_size, PDL=use_pdl, num_warps=1, **pdl.launch(use_pdl),
+        H=n_heads, H_KV=H_kv, D=D, BLOCK_SIZE=block_size, num_warps=1, **pdl.options(qkv.device, N),
     )
     return q
