@@ -131,10 +131,10 @@ class PagedKVCache:
         self.use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
                                                     and kernels.available())
         if self.use_kernel:  # imported here: Triton's import is slow and the CPU path never needs it
-            from mistral7b.kernels import paged_attention
+            from mistral7b.kernels import gemv, paged_attention
             from mistral7b.kernels.rotary_store import rotary_store
 
-            self._kernels, self._rotary_store = paged_attention, rotary_store
+            self._kernels, self._gemv, self._rotary_store = paged_attention, gemv, rotary_store
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks if self.use_kernel else None
         self.inv_freq = inv_frequencies(args.head_dim, args.rope_theta, self.device)
@@ -250,15 +250,14 @@ class PagedKVCache:
         """The kernel path from the fused projection: x [1, N, dim] through wqkv, rotate q and k, store k/v,
         attend; returns [1, N, H, D]. A lone token does the first three in wqkv's GEMV kernel."""
         assert meta.kernel is not None
-        from mistral7b.kernels.gemv import Rotary, gemv, project, takes_kernel
-
-        if takes_kernel(wqkv, x):
-            rotary = Rotary(meta.positions[0], meta.slot_mapping, self.inv_freq, self.k[layer], self.v[layer],
-                            self.n_heads)
-            q = gemv(x, wqkv.weight, rotary=rotary).view(-1)[: self.n_heads * self.head_dim]
+        gemv = self._gemv
+        if gemv.takes_kernel(wqkv, x):
+            rotary = gemv.Rotary(meta.positions[0], meta.slot_mapping, self.inv_freq, self.k[layer], self.v[layer],
+                                 self.n_heads)
+            q = gemv.gemv(x, wqkv.weight, rotary=rotary).view(-1)[: self.n_heads * self.head_dim]
             q = q.view(1, self.n_heads, self.head_dim)
         else:
-            q = self._rotary_store(project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
+            q = self._rotary_store(gemv.project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
                                    self.k[layer], self.v[layer], self.n_heads)
         return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
 
