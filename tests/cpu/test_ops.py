@@ -1,0 +1,150 @@
+"""The CPU extension's decode attention (mistral7b/cpu/ops.cpp) against the paged cache's PyTorch path
+(cache/paged.py: gathered blocks, bmm, softmax, bmm): the same bits, since greedy decoding of a bfloat16 model
+flips tokens on a one-ulp change."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mistral7b import cpu
+from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b.config import ModelArgs
+
+pytestmark = pytest.mark.skipif(cpu.load(notice=False) is None, reason="CPU extension not built")
+
+
+def make_cache(n_heads, n_kv_heads, window, block_size, num_blocks=160, head_dim=64, seed=0):
+    args = ModelArgs(dim=n_heads * head_dim, n_layers=1, head_dim=head_dim, hidden_dim=32, n_heads=n_heads,
+                     n_kv_heads=n_kv_heads, norm_eps=1e-5, vocab_size=8, sliding_window=window)
+    cache = PagedKVCache(args, num_blocks, block_size, torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    for pool in (cache.k[0], cache.v[0]):  # every slot written: unwritten ones must be masked, not read as 0
+        pool.copy_((2 * torch.randn(pool.shape, generator=g)).to(torch.bfloat16))
+    cache.zero_blocks([0])
+    return cache
+
+
+def decode_spans(cache, lengths, seed=0, keep_released=False):
+    """One decode span per context length (keys after the step), its blocks scattered over the pool."""
+    rng = random.Random(seed)
+    free = list(range(1, cache.num_blocks))
+    rng.shuffle(free)
+    spans, bs = [], cache.block_size
+    for n in lengths:
+        pos = n - 1
+        table = [free.pop() for _ in range(pos // bs + 1)]
+        first = 0 if keep_released or cache.window is None else max(0, pos - cache.window + 1) // bs
+        spans.append(Span(start=pos, n=1, block_table=table, first_live_block=first))
+    return spans
+
+
+def both_paths(cache, spans, seed=1, q_scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    S, H, H_kv, D = len(spans), cache.n_heads, cache.n_kv_heads, cache.head_dim
+    q = (q_scale * torch.randn(1, S, H, D, generator=g)).to(torch.bfloat16)
+    k = (2 * torch.randn(1, S, H_kv, D, generator=g)).to(torch.bfloat16)
+    v = torch.randn(1, S, H_kv, D, generator=g).to(torch.bfloat16)
+    native_meta = cache.plan(spans, [])
+    assert native_meta.groups[0].native is not None
+    out = cache.attend(0, q, k, v, native_meta)
+    extension, cache.native = cache.native, None
+    try:
+        ref = cache.attend(0, q, k, v, cache.plan(spans, []))
+    finally:
+        cache.native = extension
+    return out, ref
+
+
+@pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 31, 33, 100, 500, 640, 757])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 2)])  # GQA groups of 3, 1 and 4
+def test_bit_for_bit_over_context_lengths(length, heads):
+    cache = make_cache(*heads, window=None, block_size=16)
+    out, ref = both_paths(cache, decode_spans(cache, [length]))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("length", [31, 32, 33, 34, 63, 64, 65, 96, 97, 300])
+@pytest.mark.parametrize("keep_released", [False, True])
+def test_bit_for_bit_with_a_sliding_window(length, keep_released):
+    # positions around multiples of W = 32; released blocks kept in the row must be masked by the window rule
+    cache = make_cache(9, 3, window=32, block_size=16)
+    out, ref = both_paths(cache, decode_spans(cache, [length], keep_released=keep_released))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("window", [None, 40])
+def test_bit_for_bit_batch_of_mixed_lengths(block_size, window):
+    cache = make_cache(9, 3, window=window, block_size=block_size)
+    spans = decode_spans(cache, [1, 17, 300, 64, 129, 40])
+    out, ref = both_paths(cache, spans)
+    assert torch.equal(out, ref)
+
+
+def test_matches_float64_attention():
+    # an oracle outside both paths: float64 attention over each row's window of keys, up to bf16 roundings
+    # (small queries: a spread-out softmax, where one key too many or too few moves outputs by ~0.1)
+    cache = make_cache(9, 3, window=24, block_size=16)
+    spans = decode_spans(cache, [5, 50, 77])
+    out, _ = both_paths(cache, spans, q_scale=0.1)
+    g = torch.Generator().manual_seed(1)
+    q = (0.1 * torch.randn(1, 3, 9, 64, generator=g)).to(torch.bfloat16)
+    for row, span in enumerate(spans):
+        pos = torch.arange(max(0, span.start - 23), span.start + 1)
+        slots = torch.tensor(span.block_table)[pos // 16] * 16 + pos % 16
+        k = cache.k[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
+        v = cache.v[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
+        p = torch.softmax((k @ q[0, row].double()[:, :, None])[..., 0] / 8, -1)
+        ref = (p[:, None] @ v)[:, 0]
+        torch.testing.assert_close(out[0, row].double(), ref, atol=0.02, rtol=0)
+
+
+def test_rejects_what_it_cannot_read():
+    cache = make_cache(9, 3, window=None, block_size=16)
+    q = torch.zeros(1, 9, 64, dtype=torch.bfloat16)
+    lens = torch.tensor([40], dtype=torch.int32)
+    table = torch.tensor([[1, 2]], dtype=torch.int32)  # 40 keys need 3 blocks
+    with pytest.raises(RuntimeError, match="bad lengths"):
+        cache.native.decode_attention(q, cache.k[0], cache.v[0], table, torch.zeros(1, dtype=torch.int32), lens, 0, 0.125)
+    with pytest.raises(RuntimeError, match="bf16"):
+        cache.native.decode_attention(q.float(), cache.k[0], cache.v[0], table, torch.zeros(1, dtype=torch.int32),
+                                      lens - 20, 0, 0.125)
+
+
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (24, 4)])
+def test_bit_for_bit_with_head_dim_128(heads):
+    cache = make_cache(*heads, window=None, block_size=16, head_dim=128)
+    out, ref = both_paths(cache, decode_spans(cache, [7, 300]))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("head_dim, heads", [(32, (6, 2)), (48, (6, 2)), (64, (18, 2))])
+def test_other_shapes_stay_on_the_pytorch_path(head_dim, heads):
+    # oneDNN sums head_dim 32 with one query head a kv head in another order; only checked shapes use the op
+    cache = make_cache(*heads, window=None, block_size=16, head_dim=head_dim)
+    assert cache.native is None
+    with pytest.raises(RuntimeError, match="head_dim a multiple of 64"):
+        cpu.load().decode_attention(torch.zeros(1, heads[0], head_dim, dtype=torch.bfloat16), cache.k[0], cache.v[0],
+                                    torch.ones(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                                    torch.ones(1, dtype=torch.int32), 0, 1.0)
+
+
+def test_engine_greedy_tokens_with_and_without_the_extension():
+    from tests.conftest import engine_generate, random_model
+    from mistral7b.engine.sampling_params import SamplingParams
+
+    args = ModelArgs(dim=192, n_layers=2, head_dim=64, hidden_dim=256, n_heads=6, n_kv_heads=2, norm_eps=1e-5,
+                     vocab_size=128, sliding_window=24, max_seq_len=4096)
+    model = random_model(args, seed=5).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 30, 61)]
+    params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (40, 25, 12)]
+    outs = {}
+    for attention in ("auto", "torch"):
+        outs[attention], engine = engine_generate(model, prompts, params, attention=attention, block_size=8,
+                                                  enable_prefix_caching=False)
+        assert (engine.runner.cache.native is not None) == (attention == "auto")
+    assert outs["auto"] == outs["torch"]
