@@ -73,3 +73,26 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     # dispatch runs only while they are captured)
     assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))
     assert_equal_to_core_path(windowed, prompts, params, out)
+
+
+def test_kernel_path_reads_no_slot_before_it_is_written(windowed, monkeypatch):
+    """New blocks are not zeroed on the kernel path: its loads stop at each row's length and find only written
+    slots or the zero null block before it, so a pool of NaN but for the null block gives the core path's
+    tokens (W = 8 with 4-token blocks: released blocks lie inside the kernel's 32-key tiles), and slots never
+    written keep their NaN."""
+    from mistral7b.cache.paged import PagedKVCache
+
+    init = PagedKVCache.__init__
+
+    def poisoned(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for pool in self.k + self.v:
+            pool[:, 1:].fill_(float("nan"))
+
+    monkeypatch.setattr(PagedKVCache, "__init__", poisoned)
+    prompts = make_prompts([3, W + 2, 3 * W + 1], seed=11)
+    params = [greedy(n) for n in (W + 4, 6, 2 * W)]
+    out, engine = engine_generate(copy.deepcopy(windowed).to(DEVICE), prompts, params, chunk_size=W - 1,
+                                  block_size=4, enable_prefix_caching=False, attention="triton")
+    assert_equal_to_core_path(windowed, prompts, params, out)
+    assert engine.cache.k[0].isnan().any()
