@@ -8,10 +8,12 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mistral7b import cpu
 from mistral7b.cache.paged import PagedKVCache, Span
 from mistral7b.config import ModelArgs
+from mistral7b.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(cpu.load(notice=False) is None, reason="CPU extension not built")
 
@@ -132,7 +134,7 @@ def test_other_shapes_stay_on_the_pytorch_path(head_dim, heads):
                                     torch.ones(1, dtype=torch.int32), 0, 1.0)
 
 
-def test_engine_greedy_tokens_with_and_without_the_extension():
+def test_engine_greedy_tokens_with_and_without_the_extension(monkeypatch):
     from tests.conftest import engine_generate, random_model
     from mistral7b.engine.sampling_params import SamplingParams
 
@@ -144,7 +146,100 @@ def test_engine_greedy_tokens_with_and_without_the_extension():
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (40, 25, 12)]
     outs = {}
     for attention in ("auto", "torch"):
+        if attention == "torch":  # the norms' loop off too: the plain PyTorch model
+            monkeypatch.setattr(Transformer, "_cpu_extension", lambda self, h: None)
         outs[attention], engine = engine_generate(model, prompts, params, attention=attention, block_size=8,
                                                   enable_prefix_caching=False)
         assert (engine.runner.cache.native is not None) == (attention == "auto")
     assert outs["auto"] == outs["torch"]
+
+
+@pytest.mark.parametrize("dim", [576, 64, 96, 4096, 17])
+@pytest.mark.parametrize("rows", [1, 3, 500])
+def test_add_rms_norm_bit_for_bit(dim, rows):
+    """The residual add and F.rms_norm (ATen's composite: its own float32 sum of squares, then rsqrt and two
+    products), on bf16 rows of several widths (vectorised sums with and without scalar tails)."""
+    ops = cpu.load()
+    g = torch.Generator().manual_seed(dim + rows)
+    x = (torch.randn(1, rows, dim, generator=g) * 3).to(torch.bfloat16)
+    delta = torch.randn(1, rows, dim, generator=g).to(torch.bfloat16)
+    w = (1 + 0.3 * torch.randn(dim, generator=g)).to(torch.bfloat16)
+    h, y = ops.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(h, x + delta) and torch.equal(y, F.rms_norm(x + delta, (dim,), w, 1e-5))
+    same, y = ops.add_rms_norm(x, None, w, 1e-6)
+    assert same is x and torch.equal(y, F.rms_norm(x, (dim,), w, 1e-6))
+    with pytest.raises(RuntimeError):
+        ops.add_rms_norm(x.float(), None, w.float(), 1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("head_dim,heads", [(64, (9, 3)), (128, (8, 2)), (16, (4, 4))])
+def test_rotate_store_bit_for_bit(tokens, head_dim, heads):
+    """RoPE of q and k as apply_rotary rounds it (complex64 products without fused multiply-adds, then bf16),
+    k and v stored in their slots, nothing else touched."""
+    from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
+
+    H, H_kv = heads
+    g = torch.Generator().manual_seed(tokens + head_dim)
+    qkv = (torch.randn(1, tokens, H + 2 * H_kv, head_dim, generator=g) * 3).to(torch.bfloat16)
+    positions = torch.randint(0, 70000, (1, tokens), generator=g)
+    freqs = rotary_freqs(positions, inv_frequencies(head_dim, 1e5, "cpu"))
+    want = apply_rotary(qkv[:, :, : H + H_kv], freqs)[0]
+    k_pool = torch.zeros(H_kv, 40, 8, head_dim, dtype=torch.bfloat16)
+    v_pool = torch.zeros_like(k_pool)
+    slots = torch.randperm(320, generator=g)[:tokens]
+    q = cpu.load().rotate_store(qkv[0].contiguous(), torch.view_as_real(freqs).reshape(tokens, -1, 2), k_pool, v_pool,
+                                slots, H)
+    assert torch.equal(q, want[:, :H])
+    flat_k, flat_v = k_pool.view(H_kv, -1, head_dim), v_pool.view(H_kv, -1, head_dim)
+    assert torch.equal(flat_k[:, slots].transpose(0, 1), want[:, H:])
+    assert torch.equal(flat_v[:, slots].transpose(0, 1), qkv[0, :, H + H_kv :])
+    untouched = torch.ones(320, dtype=torch.bool)
+    untouched[slots] = False
+    assert flat_k[:, untouched].abs().sum() == 0 and flat_v[:, untouched].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpu.load().rotate_store(qkv[0, :1].contiguous(), torch.view_as_real(freqs)[0, :1].reshape(1, -1, 2), k_pool,
+                                v_pool, torch.tensor([320]), H)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_forward_with_and_without_the_extension(fused, monkeypatch):
+    """The model's own loop (no cache: scoring, evaluation) with the fused add + RMSNorm (and SwiGLU's product
+    where w1 and w3 are fused) gives the plain loop's logits bit for bit; with autograd on the plain loop runs."""
+    from mistral7b.model.fuse import fuse_projections
+    from tests.conftest import random_model
+
+    args = ModelArgs(dim=192, n_layers=3, head_dim=64, hidden_dim=100, n_heads=6, n_kv_heads=2, norm_eps=1e-5,
+                     vocab_size=128, sliding_window=None, max_seq_len=4096)
+    model = random_model(args, seed=2).to(torch.bfloat16)
+    if fused:
+        fuse_projections(model)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(40).expand(2, 40)
+    calls = []
+    fused = Transformer._forward_cpu
+    monkeypatch.setattr(Transformer, "_forward_cpu", lambda *a: calls.append(1) or fused(*a))
+    with torch.inference_mode():
+        with_ext = model(tokens, positions)
+        assert calls
+        monkeypatch.setattr(Transformer, "_cpu_extension", lambda self, h: None)
+        without = model(tokens, positions)
+    assert torch.equal(with_ext, without)
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(Transformer, "_forward_cpu", lambda *a: calls.append(1) or fused(*a))
+    model(tokens, positions).sum().backward()
+    assert not calls
+
+
+@pytest.mark.parametrize("hidden", [1536, 100, 65])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_silu_mul_bit_for_bit(hidden, rows):
+    """F.silu(gate) * up of the fused w13 output: ATen's vectorised exp over the first multiple of 64 of a row,
+    std::exp on its tail (hidden 100 and 65), each rounded to bf16 where ATen rounds."""
+    g = torch.Generator().manual_seed(hidden + rows)
+    gate_up = (torch.randn(1, rows, 2 * hidden, generator=g) * 4).to(torch.bfloat16)
+    gate, up = gate_up.chunk(2, -1)
+    assert torch.equal(cpu.load().silu_mul(gate_up), F.silu(gate) * up)
+    with pytest.raises(RuntimeError):
+        cpu.load().silu_mul(gate_up[..., 1:])

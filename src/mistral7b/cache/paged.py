@@ -304,10 +304,24 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: PagedMetadata) -> torch.Tensor:
         """Write this step's k/v [1, N, H_kv, D] to their slots; attend each group; return [1, N, H, D]."""
+        H_kv, D = self.n_kv_heads, self.head_dim
+        self.k[layer].view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, k[0].transpose(0, 1).to(self.dtype))
+        self.v[layer].view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, v[0].transpose(0, 1).to(self.dtype))
+        return self._attend_stored(layer, q, meta)
+
+    def attend_rotary(self, layer: int, qkv: torch.Tensor, freqs: torch.Tensor, n_heads: int,
+                      meta: PagedMetadata) -> torch.Tensor:
+        """`attend` for the fused projection's heads qkv [1, N, H + 2 H_kv, D] before RoPE, on a CPU with the
+        extension (`self.native`, bfloat16): one call rotates q and k (apply_rotary's bits) and stores k and v,
+        where apply_rotary, the split and two index copies dispatch ~20 ops."""
+        q = self.native.rotate_store(qkv[0].contiguous(), torch.view_as_real(freqs).reshape(qkv.shape[1], -1, 2),
+                                     self.k[layer], self.v[layer], meta.slot_mapping, n_heads)
+        return self._attend_stored(layer, q.unsqueeze(0), meta)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+        """Attention of q [1, N, H, D] over the cache, this step's keys and values already stored."""
         cache_k, cache_v = self.k[layer], self.v[layer]
         H_kv, D = self.n_kv_heads, self.head_dim
-        cache_k.view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, k[0].transpose(0, 1).to(self.dtype))
-        cache_v.view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, v[0].transpose(0, 1).to(self.dtype))
         if meta.kernel is not None:
             return self._kernel_attend(layer, q[0].to(self.dtype), meta.kernel).to(q.dtype).unsqueeze(0)
         n_heads = q.shape[2]

@@ -13,6 +13,10 @@
 // checked against oneDNN for head_dim 64 and 128 with 1 to 8 query heads a kv head (tests/cpu/test_ops.py);
 // other shapes (head_dim 32 with one query head a kv head sums in another order) stay on the PyTorch path.
 // AVX-512 only: on other CPUs libtorch's softmax is another build, and the engine uses the PyTorch path.
+//
+// add_rms_norm and rotate_store (at the end) replace the residual add + F.rms_norm and apply_rotary + the cache
+// store of model/transformer.py and cache/paged.py, each with the same bits: one call where ATen dispatches
+// ~13 and ~20 small ops (a 135M model's decode step: 61 norms and 30 rotations).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,6 +24,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -164,6 +169,22 @@ template <int G> struct WeightedValues {
   template <typename... A> static void run(A&&... a) { weighted_values_g<G>(a...); }
 };
 
+// Asks for the keys and values t0 .. t0 + 15 of a row (those inside it) while the tile before is scored: the
+// pool's blocks lie anywhere and a decode step's weights have pushed them out of the caches since the last
+// layer, so the hardware prefetcher, which follows one stream, finds little ahead (an engine call at ~600 keys
+// took 38 us, 21 us with the pool in cache).
+template <typename Hint>
+void prefetch_tile(const Pool& pool, const Row& r, int64_t h, int64_t t0, Hint hint) {
+  const int64_t bytes = pool.dim * static_cast<int64_t>(sizeof(bf16));
+  for (int64_t rel = std::max(t0, r.lo); rel < std::min(t0 + kTile, r.hi); ++rel) {
+    const int64_t off = pool.offset(r, h, rel);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(pool.k + off) + b, hint);
+      _mm_prefetch(reinterpret_cast<const char*>(pool.v + off) + b, _MM_HINT_T1);
+    }
+  }
+}
+
 // Scores of the G query heads of kv head h for keys t0 .. t0 + 15 of a row (relative), masked outside lo .. hi:
 // bf16-rounded float32 dot products, scaled. scores[g * stride + rel].
 void score_tile(const Pool& pool, const Row& r, int64_t h, const float* q, int64_t G, int64_t t0, float scale,
@@ -243,6 +264,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
 
   // 1. scores, tile by tile (tiles wholly outside a row's keys are masked without reading anything)
   at::parallel_for(0, S * H_kv * tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)  // this thread's keys and values on their way to its caches at once
+      prefetch_tile(pool, rows[i / (H_kv * tiles)], (i / tiles) % H_kv, (i % tiles) * kTile, _MM_HINT_T1);
     for (int64_t i = begin; i < end; ++i) {
       int64_t s = i / (H_kv * tiles), h = (i / tiles) % H_kv, t0 = (i % tiles) * kTile;
       float* out = scores.data() + (s * H + h * G) * stride;
@@ -252,6 +275,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
           std::fill(out + g * stride + t0, out + g * stride + t0 + kTile, -std::numeric_limits<float>::infinity());
         continue;
       }
+      prefetch_tile(pool, r, h, t0 + kTile, _MM_HINT_T0);
       score_tile(pool, r, h, qf.data() + (s * H + h * G) * D, G, t0, static_cast<float>(scale), out, stride);
     }
   });
@@ -274,8 +298,147 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
   return out;
 }
 
+// RMSNorm of bf16 rows as F.rms_norm computes it on a CPU (ATen's composite, ~12 dispatched ops a call): x in
+// float32, its squares summed by ATen's own sum kernel (one call for all rows: its summation order is kept),
+// mean = sum / dim, rsqrt(mean + float(eps)) as 1 / sqrt, then bf16((x * rsqrt) * float(weight)). With `delta`
+// the residual add comes first, rounded to bf16 as ATen's add rounds it, and the sum is returned too.
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
+                                                      const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() >= 1, "x: contiguous bf16");
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == D,
+              "weight: bf16 [dim]");
+  torch::Tensor h = x;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->scalar_type() == at::kBFloat16 && delta->is_contiguous() && delta->sizes() == x.sizes(),
+                "delta: contiguous bf16 of x's shape");
+    h = torch::empty_like(x);
+    const bf16 *a = x.data_ptr<bf16>(), *b = delta->data_ptr<bf16>();
+    bf16* o = h.data_ptr<bf16>();
+    for (int64_t i = 0; i < rows * D; ++i) o[i] = static_cast<bf16>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+  }
+  auto squares = torch::empty({rows, D}, x.options().dtype(at::kFloat));
+  const bf16* hp = h.data_ptr<bf16>();
+  float* sq = squares.data_ptr<float>();
+  for (int64_t i = 0; i < rows * D; ++i) {
+    float v = static_cast<float>(hp[i]);
+    sq[i] = v * v;
+  }
+  const auto sums = at::sum(squares, {-1});
+  const float* ss = sums.data_ptr<float>();
+  const bf16* w = weight.data_ptr<bf16>();
+  auto out = torch::empty_like(x);
+  bf16* o = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float mean = ss[r] / static_cast<float>(D);
+    float scale = 1.0f / std::sqrt(mean + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d)
+      o[r * D + d] = static_cast<bf16>(static_cast<float>(hp[r * D + d]) * scale * static_cast<float>(w[d]));
+  }
+  return {h, out};
+}
+
+// RoPE of the fused projection's q and k heads and the paged-cache store of k and v, as model/rope.apply_rotary
+// and PagedKVCache.attend do it: each pair (a, b) times the complex (c, d) of its position, as ATen multiplies
+// complex64 numbers, (ac - bd, ad + bc) with every product and sum rounded to float32 (no fused multiply-add),
+// then rounded to bf16. qkv [N, H + 2 H_kv, D] bf16; freqs [N, D / 2, 2] float32 (cos, sin); pools
+// [H_kv, blocks, block_size, D] bf16; slots [N] int64. Returns the rotated q [N, H, D].
+// Eight pairs at a time in intrinsics: written as scalar code, GCC recognises the complex product and emits
+// vfmaddsub (one rounding fewer, other bits) whatever -ffp-contract says.
+inline void rotate16(const bf16* x, const float* f, bf16* dst, int64_t D) {
+  alignas(64) float out[16];
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))), 16));  // (a, b) pairs
+    __m512 cs = _mm512_loadu_ps(f + i);                                                            // (c, d) pairs
+    __m512 p = _mm512_mul_ps(v, cs);                                  // (ac, bd)
+    __m512 r = _mm512_mul_ps(v, _mm512_permute_ps(cs, 0xB1));         // (ad, bc)
+    __m512 re = _mm512_sub_ps(p, _mm512_permute_ps(p, 0xB1));          // even lanes: ac - bd
+    __m512 im = _mm512_add_ps(r, _mm512_permute_ps(r, 0xB1));          // odd lanes: bc + ad
+    _mm512_store_ps(out, _mm512_mask_blend_ps(0xAAAA, re, im));
+    for (int j = 0; j < 16; ++j) dst[i + j] = static_cast<bf16>(out[j]);
+  }
+}
+
+torch::Tensor rotate_store(const torch::Tensor& qkv, const torch::Tensor& freqs, torch::Tensor& k_cache,
+                           torch::Tensor& v_cache, const torch::Tensor& slots, int64_t n_heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous(),
+              "qkv: contiguous bf16 [N, heads, D]");
+  const int64_t N = qkv.size(0), D = qkv.size(2), H = n_heads;
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kBFloat16 &&
+                  v_cache.is_contiguous() && k_cache.size(3) == D, "pools: contiguous bf16 [H_kv, blocks, bs, D]");
+  const int64_t H_kv = k_cache.size(0), capacity = k_cache.size(1) * k_cache.size(2);
+  TORCH_CHECK(qkv.size(1) == H + 2 * H_kv && D % 16 == 0, "qkv: H + 2 H_kv heads of a head_dim multiple of 16");
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.numel() == N * D,
+              "freqs: contiguous float32 [N, D / 2, 2]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == N, "slots: int64 [N]");
+  const bf16* src = qkv.data_ptr<bf16>();
+  const float* f = freqs.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  bf16 *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
+  auto q = torch::empty({N, H, D}, qkv.options());
+  bf16* qp = q.data_ptr<bf16>();
+  for (int64_t t = 0; t < N; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < capacity, "slot ", slot[t], " outside the pool");
+    const float* ft = f + t * D;
+    for (int64_t h = 0; h < H + 2 * H_kv; ++h) {
+      const bf16* x = src + (t * (H + 2 * H_kv) + h) * D;
+      bf16* dst = h < H ? qp + (t * H + h) * D
+                        : (h < H + H_kv ? kp + ((h - H) * capacity + slot[t]) * D
+                                        : vp + ((h - H - H_kv) * capacity + slot[t]) * D);
+      if (h >= H + H_kv) {
+        std::copy(x, x + D, dst);
+        continue;
+      }
+      rotate16(x, ft, dst, D);
+    }
+  }
+  return q;
+}
+
+// SwiGLU's product of the fused w13 output [..., 2F] = [gate | up], as F.silu(gate) * up computes it in bf16:
+// ATen's silu kernel, x / (1 + exp(-x)) in float32 with its vectorised exp (the same header code) on the
+// row's first multiple of 64 elements and std::exp on the rest (its loop's scalar tail), rounded to bf16, then
+// the bf16 product. One call where chunk, silu and mul dispatch four ops.
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0,
+              "gate_up: contiguous bf16 [..., 2F]");
+  const int64_t F2 = gate_up.size(-1), F = F2 / 2, rows = F2 ? gate_up.numel() / F2 : 0;
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = F;
+  auto out = torch::empty(sizes, gate_up.options());
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t vec_end = F - F % 64;
+  const bf16* src = gate_up.data_ptr<bf16>();
+  bf16* dst = out.data_ptr<bf16>();
+  alignas(64) float buf[Vec::size()];
+  for (int64_t r = 0; r < rows; ++r) {
+    const bf16* g = src + r * F2;
+    const bf16* u = g + F;
+    bf16* o = dst + r * F;
+    for (int64_t i = 0; i < vec_end; i += Vec::size()) {
+      for (int j = 0; j < Vec::size(); ++j) buf[j] = static_cast<float>(g[i + j]);
+      Vec x = Vec::loadu(buf);
+      (x / (Vec(1.0f) + x.neg().exp())).store(buf);
+      for (int j = 0; j < Vec::size(); ++j)
+        o[i + j] = static_cast<bf16>(static_cast<float>(static_cast<bf16>(buf[j])) * static_cast<float>(u[i + j]));
+    }
+    for (int64_t i = vec_end; i < F; ++i) {
+      float x = static_cast<float>(g[i]);
+      float s = static_cast<float>(static_cast<bf16>(x / (1.0f + std::exp(-x))));
+      o[i] = static_cast<bf16>(s * static_cast<float>(u[i]));
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query paged attention over bf16 blocks, read in place");
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) of bf16 rows, F.rms_norm's bits",
+        py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"));
+  m.def("rotate_store", &rotate_store, "RoPE of q and k (apply_rotary's bits), k and v stored in their slots");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of the fused w13 output, F.silu(gate) * up's bits");
 }

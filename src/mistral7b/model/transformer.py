@@ -60,6 +60,9 @@ class Attention(nn.Module):
             return project(self.wo, out.reshape(B, T, self.n_heads * self.head_dim))
         if self.wqkv is not None:  # one matmul, and one rotation for the q and k heads together
             qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            if getattr(cache, "native", None) is not None and qkv.dtype == torch.bfloat16 and B == 1:
+                out = cache.attend_rotary(layer, qkv, freqs, self.n_heads, meta)  # type: ignore[union-attr]
+                return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
             n_qk = self.n_heads + self.n_kv_heads
             q, k = apply_rotary(qkv[:, :, :n_qk], freqs).split([self.n_heads, self.n_kv_heads], dim=2)
             v = qkv[:, :, n_qk:]
@@ -161,11 +164,46 @@ class Transformer(nn.Module):
                 layer.attention.wqkv is not None and layer.feed_forward.w13 is not None for layer in self.layers):
             return self._forward_fused(h, meta, cache, logits_index)
         freqs = rotary_freqs(positions, self.inv_freq(tokens.device))
+        ops = self._cpu_extension(h)
+        if ops is not None:
+            return self._forward_cpu(h, freqs, meta, cache, logits_index, ops)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, meta, cache, i)
         if logits_index is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
         return self.output(self.norm(h)).float()
+
+    def _cpu_extension(self, h: torch.Tensor) -> Any:
+        """The CPU extension (mistral7b/cpu) for bfloat16 inference on a CPU, where it is built; else None."""
+        if h.device.type != "cpu" or h.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        from mistral7b import cpu
+
+        return cpu.load(notice=False)
+
+    def _forward_cpu(self, h: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: KVCache | None,
+                     logits_index: torch.Tensor | None, ops: Any) -> torch.Tensor:
+        """The plain loop with each residual add fused into the RMSNorm after it, and SwiGLU's product in one
+        call, by the CPU extension: one call where F.rms_norm and the add dispatch ~13 ops and chunk, silu and
+        mul four (a 135M model's decode step: 61 norms, 30 products). The extension reproduces ATen's bits, so
+        the results equal the plain loop's."""
+        residual, delta = h.contiguous(), None
+        for i, layer in enumerate(self.layers):
+            norm = layer.attention_norm
+            residual, x = ops.add_rms_norm(residual, delta, norm.weight, norm.eps)
+            attn = layer.attention(x, freqs, meta, cache, i).contiguous()
+            norm = layer.ffn_norm
+            residual, x = ops.add_rms_norm(residual, attn, norm.weight, norm.eps)
+            ff = layer.feed_forward
+            if ff.w13 is not None:  # SwiGLU's product in one call too
+                delta = ff.w2(ops.silu_mul(ff.w13(x).contiguous())).contiguous()
+            else:
+                delta = ff(x).contiguous()
+        if logits_index is not None:
+            residual = residual.reshape(-1, residual.shape[-1]).index_select(0, logits_index)
+            delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)  # type: ignore[union-attr]
+        _, normed = ops.add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
+        return self.output(normed).float()
 
     def _forward_fused(self, h: torch.Tensor, meta: Any, cache: KVCache | None,
                        logits_index: torch.Tensor | None) -> torch.Tensor:
