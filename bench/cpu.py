@@ -60,8 +60,9 @@ def worker_ours(model: str, ids: list[int], threads: int, quantize: str) -> dict
         if ev.token_id is not None:
             stamps.append(time.perf_counter())
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    native = getattr(llm.engine.runner.cache, "native", None) is not None  # the C++ extension (mistral7b/cpu)
     return {"load_s": load, "prefill_tok_s": len(ids) / (stamps[0] - start), "decode_tok_s": 1 / decode,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), "version": "(C++ decode ops)" if native else ""}
 
 
 def worker_llama(model: str, ids: list[int], threads: int) -> dict:
