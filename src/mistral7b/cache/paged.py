@@ -309,13 +309,12 @@ class PagedKVCache:
         self.v[layer].view(H_kv, -1, D).index_copy_(1, meta.slot_mapping, v[0].transpose(0, 1).to(self.dtype))
         return self._attend_stored(layer, q, meta)
 
-    def attend_rotary(self, layer: int, qkv: torch.Tensor, freqs: torch.Tensor, n_heads: int,
-                      meta: PagedMetadata) -> torch.Tensor:
+    def attend_rotary(self, layer: int, qkv: torch.Tensor, freqs: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
         """`attend` for the fused projection's heads qkv [1, N, H + 2 H_kv, D] before RoPE, on a CPU with the
         extension (`self.native`, bfloat16): one call rotates q and k (apply_rotary's bits) and stores k and v,
         where apply_rotary, the split and two index copies dispatch ~20 ops."""
         q = self.native.rotate_store(qkv[0].contiguous(), torch.view_as_real(freqs).reshape(qkv.shape[1], -1, 2),
-                                     self.k[layer], self.v[layer], meta.slot_mapping, n_heads)
+                                     self.k[layer], self.v[layer], meta.slot_mapping, self.n_heads)
         return self._attend_stored(layer, q.unsqueeze(0), meta)
 
     def _attend_stored(self, layer: int, q: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:

@@ -70,16 +70,16 @@ class Attention(nn.Module):
         out = dense_attention(q, k, v, meta.mask) if cache is None else cache.attend(layer, q, k, v, meta)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
-
     def forward_native(self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: Any, layer: int) -> torch.Tensor:
         """forward() with the fused projection on a CPU paged cache with the extension (cache.native): RoPE and
         the k/v store in one call (cache.attend_rotary). Part of Transformer._forward_cpu's hot loop, so the
         projections are called through forward: no hooks run here."""
         B, T, _ = x.shape
-        modules = self._modules
-        qkv = modules["wqkv"].forward(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)  # type: ignore[union-attr]
-        out = cache.attend_rotary(layer, qkv, freqs, self.n_heads, meta)
-        return modules["wo"].forward(out.reshape(B, T, self.n_heads * self.head_dim))  # type: ignore[union-attr]
+        wqkv, wo = self._modules["wqkv"], self._modules["wo"]
+        assert wqkv is not None and wo is not None
+        qkv = wqkv.forward(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        out = cache.attend_rotary(layer, qkv, freqs, meta)
+        return wo.forward(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -214,11 +214,7 @@ class Transformer(nn.Module):
                 delta = ff._modules["w2"].forward(ops.silu_mul(w13.forward(x).contiguous())).contiguous()
             else:
                 delta = ff.forward(x).contiguous()
-        if logits_index is not None:
-            residual = residual.reshape(-1, residual.shape[-1]).index_select(0, logits_index)
-            delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)  # type: ignore[union-attr]
-        _, normed = ops.add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
-        return self.output(normed).float()
+        return self._logits(residual, delta, logits_index, ops.add_rms_norm, self.output)
 
     def _forward_fused(self, h: torch.Tensor, meta: Any, cache: KVCache | None,
                        logits_index: torch.Tensor | None) -> torch.Tensor:
@@ -236,8 +232,14 @@ class Transformer(nn.Module):
             residual, x = add_rms_norm(residual, attn, layer.ffn_norm.weight, eps)
             ff = layer.feed_forward
             delta = project_swiglu(ff.w2, project(ff.w13, x))  # type: ignore[arg-type]
+        return self._logits(residual, delta, logits_index, add_rms_norm, lambda x: project(self.output, x))
+
+    def _logits(self, residual: torch.Tensor, delta: torch.Tensor, logits_index: torch.Tensor | None,
+                add_rms_norm: Any, output: Any) -> torch.Tensor:
+        """The fused loops' end: the last residual add and the final norm for the rows `logits_index` picks,
+        then the output projection, in float32."""
         if logits_index is not None:
             residual = residual.reshape(-1, residual.shape[-1]).index_select(0, logits_index)
-            delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)  # type: ignore[union-attr]
-        _, normed = add_rms_norm(residual, delta, self.norm.weight, eps)
-        return project(self.output, normed).float()
+            delta = delta.reshape(-1, delta.shape[-1]).index_select(0, logits_index)
+        _, normed = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
+        return output(normed).float()
