@@ -50,20 +50,33 @@ def test_kernel_path_without_window_and_mha():
     assert_equal_to_core_path(model, prompts, params, out)
 
 
-def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch):
+@pytest.mark.parametrize("fold_norms,swiglu_epilogue", [(True, True), (False, False), (True, False)])
+def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch, fold_norms,
+                                                                      swiglu_epilogue):
     """Every one-row projection through the GEMV kernel, wqkv's with RoPE and the cache store folded in (on a
-    GPU that is bfloat16 only; here forced for float32 so the engine can be held to the core path)."""
+    GPU that is bfloat16 only; here forced for float32 so the engine can be held to the core path), and with
+    the norms and residual adds folded in or apart, SwiGLU's product in w13's GEMV or in w2's."""
     from torch import nn
 
     from mistral7b.kernels import gemv as gemv_module
+    from mistral7b.model.transformer import Transformer
 
-    taken = []
+    taken, one_token = [], []
 
     def takes_kernel(module, x):
         taken.append(type(module) is nn.Linear and x.numel() == x.shape[-1])
         return taken[-1]
 
+    forward_one_token = Transformer._forward_one_token
+
+    def spy(self, h, *args):
+        one_token.append(h.shape)
+        return forward_one_token(self, h, *args)
+
     monkeypatch.setattr(gemv_module, "takes_kernel", takes_kernel)
+    monkeypatch.setattr(gemv_module, "FOLD_NORMS", fold_norms)
+    monkeypatch.setattr(gemv_module, "SWIGLU_EPILOGUE", swiglu_epilogue)
+    monkeypatch.setattr(Transformer, "_forward_one_token", spy)
     model = fuse_projections(copy.deepcopy(windowed).to(DEVICE))
     prompts = make_prompts([3 * W + 2], seed=12)
     params = [greedy(2 * W + 3)]
@@ -72,6 +85,8 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     # wqkv, wo, w13, w2 and the output at every decode step (on a GPU decode steps replay CUDA graphs, so the
     # dispatch runs only while they are captured)
     assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))
+    assert len(one_token) >= (1 if engine.runner.graphs is not None else 2 * W + 2)
+    assert all(shape[:2] == (1, 1) for shape in one_token)
     assert_equal_to_core_path(windowed, prompts, params, out)
 
 

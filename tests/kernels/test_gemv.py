@@ -88,3 +88,83 @@ def test_rotary_epilogue_equals_rotary_store(block_n, monkeypatch):
         torch.testing.assert_close(y.view(-1)[: H * D].view(H, D), q_want[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(k_got, k_want, rtol=1e-6, atol=1e-6)
         assert torch.equal(v_got, v_want) and v_got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(24, 64), (37, 96), (8, 520)])
+def test_norm_folded_into_gemv_equals_rms_norm_then_projection(n, k, dtype):
+    """W rms_norm(h) with the norm in the kernel: the sum of squares gathered from the tiles the product loads
+    anyway (K not a multiple of the tile too), the scale applied to the float32 sums."""
+    from mistral7b.kernels.gemv import gemv
+
+    w, h = _weights(n, k, dtype, seed=3)
+    h = h * 3.0  # an rms far from 1, so a missing or misplaced scale shows
+    norm_w = torch.rand(k, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype) + 0.5
+    got = gemv(h, w, norm=(norm_w, 1e-5))
+    hd = h.double()
+    normed = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.double()
+    want = normed @ w.double().T
+    assert got.shape == (1, 1, n) and got.dtype == dtype
+    if dtype == torch.float32:
+        assert ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max().item() < 1e-5
+    else:
+        assert_bf16_close(got, want)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_residual_epilogue_equals_the_add_of_add_rms_norm(silu):
+    """wo / w2 with the residual add in the epilogue: the residual stream afterwards is bit for bit what
+    kernels/norms.add_rms_norm makes of the unfused projection's output, and it is updated in place."""
+    from mistral7b.kernels.gemv import gemv
+    from mistral7b.kernels.norms import add_rms_norm, silu_mul
+
+    k, n = 64, 48
+    w, _ = _weights(n, k, torch.bfloat16, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 2 * k if silu else k, generator=g).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(1, n, generator=g).to(DEVICE, torch.bfloat16)
+    delta = gemv(silu_mul(x) if silu else x, w)
+    want, _ = add_rms_norm(residual, delta, torch.ones(n, device=DEVICE, dtype=torch.bfloat16), 1e-5)
+    got = residual.clone()
+    out = gemv(x, w, silu_mul=silu, residual=got)
+    assert out is got and not torch.equal(got, residual)
+    assert torch.equal(got, want)
+
+
+def test_norm_and_rotary_together_equal_normed_input_then_rotary(monkeypatch):
+    """wqkv's GEMV with the attention norm folded in as well as RoPE and the cache store (a one-token step's
+    first kernel of a layer) == the norm, then the GEMV with RoPE."""
+    from mistral7b.kernels import gemv as gemv_module
+
+    H, H_kv, D, K, bs = 4, 2, 16, 48, 4
+    N = (H + 2 * H_kv) * D
+    w, h = _weights(N, K, torch.float32, seed=7)
+    norm_w = torch.rand(K, generator=torch.Generator().manual_seed(8)).to(DEVICE) + 0.5
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+    inv_freq = torch.rand(D // 2, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    pos, slots = torch.tensor([37], device=DEVICE), torch.tensor([9], device=DEVICE)
+    caches = torch.zeros(4, H_kv, 3, bs, D, device=DEVICE)
+    want = gemv_module.gemv(normed, w, rotary=gemv_module.Rotary(pos, slots, inv_freq, caches[0], caches[1], H))
+    got = gemv_module.gemv(h, w, rotary=gemv_module.Rotary(pos, slots, inv_freq, caches[2], caches[3], H),
+                           norm=(norm_w, 1e-6))
+    torch.testing.assert_close(got.view(-1)[: H * D], want.view(-1)[: H * D], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[2:], caches[:2], rtol=1e-5, atol=1e-5)
+    assert caches[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,block_n", [(48, 16), (40, 8), (26, 4)])
+def test_swiglu_epilogue_equals_the_product_of_the_two_halves(n, block_n, monkeypatch):
+    """w13's GEMV with SwiGLU's product formed in its epilogue (each program takes BLOCK_N / 2 gate rows and
+    the up rows N / 2 further; halves that do not fill the last program too) == silu_mul of the plain GEMV, bit
+    for bit; the float32 output is the same values."""
+    from mistral7b.kernels import gemv as gemv_module
+    from mistral7b.kernels.norms import silu_mul
+
+    k = 96
+    monkeypatch.setitem(gemv_module.CONFIGS, (n, k), (block_n, 64, 4, 2))
+    w13, x = _weights(n, k, torch.bfloat16, seed=11)
+    want = silu_mul(gemv_module.gemv(x, w13))
+    got = gemv_module.gemv(x, w13, swiglu=True)
+    assert got.shape == (1, 1, n // 2) and torch.equal(got, want)
+    wide = gemv_module.gemv(x, w13, swiglu=True, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32 and torch.equal(wide, want.float())

@@ -71,6 +71,20 @@ def test_split_keys_equal_one_pass(splits: int, window: int | None) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [1, 3, 16])
+@pytest.mark.parametrize("total", [1, 31, 32, 33, 64, 97, 130])
+@pytest.mark.parametrize("window", [None, 40])
+def test_one_token_step_equals_reference(splits: int, total: int, window: int | None) -> None:
+    """A step of one token (batch-1 decode) over 1 to 16 key splits: contexts that end at the start, inside and
+    at the end of a key block (32 keys), splits left without keys, windows that cut the context."""
+    q, k, v, tables, seq_lens, query_start = _case([1], [total], 8, 2, window, block_size=16, seed=total)
+    want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, window)
+    tiles = dev(torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    got = pa.paged_attention(*dev(q, k, v, tables, seq_lens, query_start), *tiles, window, 1,
+                             num_splits=splits).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_rotary_store_equals_pytorch() -> None:
     from mistral7b.kernels.rotary_store import rotary_store
     from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs

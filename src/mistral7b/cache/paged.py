@@ -40,6 +40,9 @@ from mistral7b.model.rope import inv_frequencies
 
 DECODE_ROWS = 16  # rows of the kernel's matrix product for decode tiles: queries x padded group heads
 PREFILL_ROWS = 64  # 16 queries x 4 heads for Mistral: the fastest of a sweep on an H200 (bench/README.md)
+# Key splits of a decode sequence at most: batch-1 decode on an H200 (8 KV heads, ~768 keys) 254.9 tok/s with
+# 16, 259.1 with 24 or 32 (one 32-key block a split), 258.5 with 64 splits of 16 keys (bench/README.md).
+MAX_SPLITS = 32
 
 
 @dataclass
@@ -193,7 +196,7 @@ class PagedKVCache:
         if max_keys <= 0:
             return 1
         want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
-        return max(1, min(16, want, -(-max_keys // 64)))
+        return max(1, min(MAX_SPLITS, want, -(-max_keys // 64)))
 
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""
@@ -278,17 +281,20 @@ class PagedKVCache:
         return AttentionGroup(start=start, end=start + len(spans) * queries, rows=len(spans), queries=queries,
                               block_ids=block_ids, block_range=block_range, mask=mask, bias=bias)
 
-    def attend_qkv(self, layer: int, wqkv: nn.Module, x: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
+    def attend_qkv(self, layer: int, wqkv: nn.Module, x: torch.Tensor, meta: PagedMetadata,
+                   norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The kernel path from the fused projection: x [1, N, dim] through wqkv, rotate q and k, store k/v,
-        attend; returns [1, N, H, D]. A lone token does the first three in wqkv's GEMV kernel."""
+        attend; returns [1, N, H, D]. A lone token does the first three in wqkv's GEMV kernel, and with `norm`
+        (kernels/gemv.gemv's) x is the residual stream, normalised there too."""
         assert meta.kernel is not None
         gemv = self._gemv
         if gemv.takes_kernel(wqkv, x):
             rotary = gemv.Rotary(meta.positions[0], meta.slot_mapping, self.inv_freq, self.k[layer], self.v[layer],
                                  self.n_heads)
-            q = gemv.gemv(x, wqkv.weight, rotary=rotary).view(-1)[: self.n_heads * self.head_dim]
+            q = gemv.gemv(x, wqkv.weight, rotary=rotary, norm=norm).view(-1)[: self.n_heads * self.head_dim]
             q = q.view(1, self.n_heads, self.head_dim)
         else:
+            assert norm is None, "the norm is folded into the GEMV only"
             q = self._rotary_store(gemv.project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
                                    self.k[layer], self.v[layer], self.n_heads)
         return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)

@@ -43,14 +43,21 @@ CONFIGS = {
     (32000, 4096): (4, 1024, 8, 3),  # output
 }
 DEFAULT = (8, 512, 4, 3)
+# One-token steps (model/transformer.py, Transformer._forward_one_token): FOLD_NORMS folds the RMSNorm before
+# wqkv and before the output into those GEMVs and w2's residual add into w2's; SWIGLU_EPILOGUE forms SwiGLU's
+# product in w13's GEMV (rather than in w2's). False keeps the separate kernels (to measure the difference).
+FOLD_NORMS = True
+SWIGLU_EPILOGUE = True
 
 if triton is not None:
     from mistral7b.kernels.norms import silu_product
     from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
-    def _input_tile(x_ptr, cols, col_ok, K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
-        """x[cols] in float32 (silu(gate) * up rounded to the activation dtype with SILU_MUL)."""
+    def _input_tile(x_ptr, norm_w_ptr, squares, cols, col_ok, K: tl.constexpr, EVEN_K: tl.constexpr,
+                    SILU_MUL: tl.constexpr, NORM: tl.constexpr):
+        """(x[cols] in float32, squares): silu(gate) * up rounded to the activation dtype with SILU_MUL;
+        with NORM x is h[cols] * w_norm[cols] and h[cols]^2 is added to `squares`."""
         if EVEN_K:
             x = tl.load(x_ptr + cols)
         else:
@@ -61,16 +68,31 @@ if triton is not None:
             else:
                 up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0)
             x = silu_product(x.to(tl.float32), up.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        return x.to(tl.float32)
+        x = x.to(tl.float32)
+        if NORM:
+            squares += x * x
+            if EVEN_K:
+                x = x * tl.load(norm_w_ptr + cols).to(tl.float32)
+            else:
+                x = x * tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return x, squares
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr,
                      pos_ptr, slot_ptr, inv_freq_ptr, k_ptr, v_ptr, stride_kh, stride_kb, stride_ks,  # ROTARY
+                     norm_w_ptr, eps, res_ptr,  # NORM, RESIDUAL
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      ROTARY: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+                     BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
+                     PDL: tl.constexpr):
+        if SWIGLU:  # w13 = [w1 | w3]: gate rows and the up rows N / 2 further, BLOCK_N / 2 of each
+            i = tl.arange(0, BLOCK_N)
+            out_rows = tl.program_id(0) * (BLOCK_N // 2) + i % (BLOCK_N // 2)
+            rows = out_rows + (i // (BLOCK_N // 2)) * (N // 2)
+            row_ok = out_rows < N // 2
+        else:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K
         # Weights do not depend on the kernels before: with PDL the first tile is loaded while they finish.
         # (Asking L2 for more of the rows ahead, with Hopper's bulk prefetch, made batch-1 decode slower:
@@ -79,7 +101,9 @@ if triton is not None:
         col_ok = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         after_previous(PDL)
-        acc = w.to(tl.float32) * _input_tile(x_ptr, cols, col_ok, K, EVEN_K, SILU_MUL)[None, :]
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+        x, squares = _input_tile(x_ptr, norm_w_ptr, squares, cols, col_ok, K, EVEN_K, SILU_MUL, NORM)
+        acc = w.to(tl.float32) * x[None, :]
         for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
@@ -87,13 +111,25 @@ if triton is not None:
                 w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
             else:
                 w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * _input_tile(x_ptr, cols, col_ok, K, EVEN_K, SILU_MUL)[None, :]
-        y = tl.sum(acc, 1).to(y_ptr.dtype.element_ty)
-        if ROTARY:
+            x, squares = _input_tile(x_ptr, norm_w_ptr, squares, cols, col_ok, K, EVEN_K, SILU_MUL, NORM)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, 1)
+        if NORM:  # W (h * w_norm) / rms(h): the sum of squares came with the row's tiles, so it costs no pass
+            y = y * (1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps))
+        y = y.to(x_ptr.dtype.element_ty)  # the projection's output dtype (then float32 logits, say, in y_ptr's)
+        if SWIGLU:  # silu(gate) * up, rounded as kernels/norms.silu_mul rounds it
+            gate, up = tl.split(tl.trans(tl.reshape(y.to(tl.float32), (2, BLOCK_N // 2))))
+            out = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            product = silu_product(gate, up).to(x_ptr.dtype.element_ty)
+            tl.store(y_ptr + out, product.to(y_ptr.dtype.element_ty), mask=out < N // 2)
+        elif ROTARY:
             _rotate_store(y, rows, pos_ptr, slot_ptr, inv_freq_ptr, y_ptr, k_ptr, v_ptr, stride_kh, stride_kb,
                           stride_ks, BLOCK_N, H, H_KV, D, BLOCK_SIZE)
+        elif RESIDUAL:  # the residual stream's add, rounded as kernels/norms.add_rms_norm rounds it, in place
+            r = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(res_ptr + rows, (r + y.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=row_ok)
         else:
-            tl.store(y_ptr + rows, y, mask=row_ok)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _rotate_store(y, rows, pos_ptr, slot_ptr, inv_freq_ptr, q_ptr, k_ptr, v_ptr, stride_kh, stride_kb, stride_ks,
@@ -134,13 +170,26 @@ class Rotary:
     n_heads: int
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: Rotary | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: Rotary | None = None,
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+         swiglu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] (one row in all; [..., 2K] = [gate | up] with silu_mul) times weight [N, K]^T -> [..., N].
-    With `rotary` (weight = the fused wqkv) k and v go to the cache and only the rotated q is valid."""
+    With `rotary` (weight = the fused wqkv) k and v go to the cache and only the rotated q is valid.
+    With `norm` = (w_norm, eps) x is the residual stream h and the product is W rms_norm(h) (the norm's
+    scale applied to the float32 sums, so x is not rounded to the activation dtype first). With `residual`
+    (one row of N) the product is added to it in place, rounded as kernels/norms.add_rms_norm rounds the
+    add, and the residual is returned. With `swiglu` (weight = the fused w13 [w1 | w3]) the result is
+    silu(gate) * up [..., N / 2]. `out_dtype`: the result's dtype (the sums are rounded to x's first)."""
     N, K = weight.shape
     assert weight.is_contiguous() and x.numel() == (2 * K if silu_mul else K)
+    assert not (norm is not None and silu_mul) and sum((residual is not None, rotary is not None, swiglu)) <= 1
     flat = x.reshape(-1).contiguous()
-    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    n_out = N // 2 if swiglu else N
+    if residual is not None:
+        assert residual.is_contiguous() and residual.numel() == N and residual.dtype == x.dtype
+        y = residual.view(N)
+    else:
+        y = torch.empty(n_out, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps, stages = CONFIGS.get((N, K), DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(K))
     H = H_kv = D = bs = 1
@@ -154,12 +203,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: 
         assert N == (H + 2 * H_kv) * D and D % 2 == 0 and rotary.v_cache.stride() == rotary.k_cache.stride()
         while D % block_n or block_n % 2:  # a program's rows stay within one head
             block_n = block_n // 2 if block_n > 2 else 2
-    _gemv_kernel[(triton.cdiv(N, block_n),)](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides,
-                                             BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-                                             SILU_MUL=silu_mul, ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D,
-                                             BLOCK_SIZE=bs, num_warps=warps, num_stages=stages,
-                                             **pdl.options(x.device, 1))
-    return y.view(*x.shape[:-1], N)
+    if swiglu:
+        assert N % 2 == 0
+        block_n = max(2, block_n)
+    norm_w, eps = norm if norm is not None else (y, 0.0)
+    grid = (triton.cdiv(n_out, block_n // 2) if swiglu else triton.cdiv(N, block_n),)
+    _gemv_kernel[grid](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides, norm_w, eps, y,
+                       BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SILU_MUL=silu_mul,
+                       ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D, BLOCK_SIZE=bs, NORM=norm is not None,
+                       RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=warps, num_stages=stages,
+                       **pdl.options(x.device, 1))
+    if residual is not None:
+        return residual
+    return y.view(*x.shape[:-1], n_out)
 
 
 def takes_kernel(module: nn.Module, x: torch.Tensor) -> bool:

@@ -221,9 +221,13 @@ class Transformer(nn.Module):
         """The same blocks on the GPU kernel path: each residual add is fused into the RMSNorm after it
         (kernels/norms.py), SwiGLU's product is one kernel, and a lone token's projections are GEMV kernels
         with the product folded into w2's (kernels/gemv.py); the results equal the plain loop's."""
-        from mistral7b.kernels.gemv import project, project_swiglu  # Triton: imported on this path only
+        from mistral7b.kernels.gemv import project, project_swiglu, takes_kernel  # Triton: on this path only
         from mistral7b.kernels.norms import add_rms_norm
 
+        if h.shape[0] * h.shape[1] == 1 and takes_kernel(self.output, h) and all(
+                takes_kernel(m, h) for layer in self.layers
+                for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)):
+            return self._forward_one_token(h, meta, cache, logits_index)
         eps = self.args.norm_eps
         residual, delta = h, None
         for i, layer in enumerate(self.layers):
@@ -233,6 +237,41 @@ class Transformer(nn.Module):
             ff = layer.feed_forward
             delta = project_swiglu(ff.w2, project(ff.w13, x))  # type: ignore[arg-type]
         return self._logits(residual, delta, logits_index, add_rms_norm, lambda x: project(self.output, x))
+
+    def _forward_one_token(self, h: torch.Tensor, meta: Any, cache: Any,
+                           logits_index: torch.Tensor | None) -> torch.Tensor:
+        """A one-token step through GEMV kernels (kernels/gemv.py) that take their neighbours in: wqkv the
+        attention norm, RoPE and the k/v store; w13 SwiGLU's product; w2 the residual add; the output the last
+        norm, writing float32 logits. So a layer is five kernels (wqkv, attention + split merge, wo, add + norm,
+        w13, w2) where the plain order has eight. Sums equal the plain loop's but for the normalised inputs
+        of wqkv and the output, which are not rounded to the activation dtype first."""
+        from mistral7b.kernels import gemv as kernels
+        from mistral7b.kernels.norms import add_rms_norm
+
+        gemv, fold, eps = kernels.gemv, kernels.FOLD_NORMS, self.args.norm_eps
+        residual, delta = h.view(1, -1), None
+        for i, layer in enumerate(self.layers):
+            attention, ff = layer.attention, layer.feed_forward
+            if fold:  # the residual stream itself into wqkv: its GEMV normalises it
+                out = cache.attend_qkv(i, attention.wqkv, residual, meta, norm=(layer.attention_norm.weight, eps))
+            else:
+                residual, x = add_rms_norm(residual, delta, layer.attention_norm.weight, eps)
+                out = cache.attend_qkv(i, attention.wqkv, x, meta)
+            residual, x = add_rms_norm(residual, gemv(out.reshape(1, -1), attention.wo.weight),
+                                       layer.ffn_norm.weight, eps)  # a new residual tensor: w2 may add to it
+            swiglu = kernels.SWIGLU_EPILOGUE
+            act = gemv(x, ff.w13.weight, swiglu=swiglu)
+            if fold:
+                gemv(act, ff.w2.weight, silu_mul=not swiglu, residual=residual)
+            else:
+                delta = gemv(act, ff.w2.weight, silu_mul=not swiglu)
+        if not fold:
+            _, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
+        norm = (self.norm.weight, self.norm.eps) if fold else None
+        logits = gemv(residual, self.output.weight, norm=norm, out_dtype=torch.float32)
+        if logits_index is not None:  # [] or [0]: the one row's logits or none
+            return logits[: logits_index.numel()]
+        return logits.view(*h.shape[:2], -1)
 
     def _logits(self, residual: torch.Tensor, delta: torch.Tensor, logits_index: torch.Tensor | None,
                 add_rms_norm: Any, output: Any) -> torch.Tensor:
