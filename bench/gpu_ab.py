@@ -3,12 +3,15 @@
 bench/gpu.py measures the engine as shipped; this one measures what each switch is worth on the same GPU in the
 same minute (machines differ by a few percent in their ceilings, so comparisons across runs are weaker):
 - batch 1 (512-token prompt, 256 greedy tokens, best of 3): programmatic dependent launch on / off
-  (MISTRAL7B_PDL, kernels/pdl.py), and RoPE + k/v store folded into wqkv's GEMV or done by the separate
-  rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); the tokens of each variant are compared with the
-  first's (PDL must not change one; the fold may flip bf16 near-ties on random weights);
+  (MISTRAL7B_PDL, kernels/pdl.py); the norms folded into wqkv's and the output's GEMVs and w2's residual add
+  into its GEMV, or apart (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
+  (kernels/gemv.SWIGLU_EPILOGUE); up to 32 or 16 key splits (cache/paged.MAX_SPLITS); RoPE + k/v store in
+  wqkv's GEMV or in the separate rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); and all of the
+  last four as the previous session had them. The tokens of each variant are compared with the first's (PDL
+  must not change one; the others may flip bf16 near-ties on random weights);
 - 256 requests of 512 in / 256 out: decode attention tiles with 2 or 4 warps (kernels/paged_attention.DECODE_WARPS).
 
-Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 2 minutes on an H200; no checkpoint is written)
+Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 3 minutes on an H200; no checkpoint is written)
 CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
 """
 
@@ -30,25 +33,30 @@ from mistral7b.cache import paged  # noqa: E402
 from mistral7b.config import ModelArgs  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
-from mistral7b.kernels import paged_attention  # noqa: E402
+from mistral7b.kernels import gemv, paged_attention  # noqa: E402
 from mistral7b.model.fuse import fuse_projections  # noqa: E402
 from mistral7b.model.transformer import Transformer  # noqa: E402
 
 FOLDED = paged.PagedKVCache.attend_qkv
 
 
-def unfolded(self: paged.PagedKVCache, layer: int, wqkv: Any, x: torch.Tensor, meta: Any) -> torch.Tensor:
+def unfolded(self: paged.PagedKVCache, layer: int, wqkv: Any, x: torch.Tensor, meta: Any,
+             norm: Any = None) -> torch.Tensor:
     """attend_qkv with the projection and the rotary-store kernel apart (the path before the fold)."""
-    from mistral7b.kernels.gemv import project
-
-    q = self._rotary_store(project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
+    assert norm is None, "run with the norms apart"
+    q = self._rotary_store(gemv.project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
                            self.k[layer], self.v[layer], self.n_heads)
     return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
 
 
-def configure(pdl: bool = True, fold: bool = True, warps: int = 2) -> None:
+SPLITS = paged.MAX_SPLITS
+
+
+def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
+              splits: int = SPLITS, warps: int = 2) -> None:
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
-    paged.PagedKVCache.attend_qkv = FOLDED if fold else unfolded  # type: ignore[method-assign]
+    paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
+    gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
     paged_attention.DECODE_WARPS = warps
 
 
@@ -89,7 +97,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (Triton's interpreter)")
     a = p.parse_args()
-    if a.tiny:
+    if a.tiny:  # the interpreter runs the kernels; one-row float32 projections take the GEMV as on a GPU
+        plain = gemv.takes_kernel
+        gemv.takes_kernel = lambda m, x: type(m) is torch.nn.Linear and x.numel() == x.shape[-1] or plain(m, x)
         args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                          vocab_size=256, rope_theta=10000.0, sliding_window=32)
         device, dtype, prompt, new, requests, reps = "cpu", torch.float32, 24, 8, 4, 1
@@ -105,8 +115,11 @@ def main() -> None:
                    attention="triton")
 
     first = None
-    for label, kw in [("PDL, RoPE in wqkv's GEMV (shipped)", {}), ("no PDL", dict(pdl=False)),
-                      ("PDL, separate rotary-store kernel", dict(fold=False))]:
+    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16)
+    for label, kw in [("shipped", {}), ("no PDL", dict(pdl=False)), ("norms apart", dict(fold_norms=False)),
+                      ("SwiGLU's product in w2's GEMV", dict(swiglu_epilogue=False)), ("16 key splits", dict(splits=16)),
+                      ("the previous session's kernels", previous),
+                      ("... and a separate rotary-store kernel", dict(previous, rope_in_gemv=False))]:
         configure(**kw)
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, **options))
         decode(engine, warm, 32)
@@ -114,7 +127,7 @@ def main() -> None:
         tokens = runs[-1][1]
         first = first or tokens
         same = next((i for i, (x, y) in enumerate(zip(tokens, first)) if x != y), len(tokens))
-        print(f"batch 1, {label:36s} {max(r for r, _ in runs):7.1f} tok/s "
+        print(f"batch 1, {label:40s} {max(r for r, _ in runs):7.1f} tok/s "
               f"(runs {', '.join(f'{r:.1f}' for r, _ in runs)}); tokens equal to the first variant's: "
               f"{same}/{len(tokens)}", flush=True)
         del engine

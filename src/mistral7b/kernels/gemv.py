@@ -6,14 +6,19 @@ products bound by memory bandwidth. cuBLAS runs Mistral 7B's in 3.78 ms a token 
 owns BLOCK_N rows and walks K in BLOCK_K steps, keeping a [BLOCK_N, BLOCK_K] float32 partial product, so
 every load is a wide contiguous row segment and the reduction happens once at the end.
 
-With `silu_mul=True` the input is the fused w13 output [gate | up] (2K wide) and x = silu(gate) * up is
-formed tile by tile, rounded to the activation dtype exactly as kernels/norms.silu_mul rounds it, so w2
-needs no separate SwiGLU kernel and the result is bit-for-bit the unfused one's (one launch fewer a layer;
-on the H200 no faster, 31.2 us against 31.1 for the two kernels).
-
-With `rotary` the fused wqkv's result of one token is rotated (RoPE) and k and v stored in the paged cache in
-the kernel's epilogue, the arithmetic of kernels/rotary_store on the same rounded values: one launch fewer a
-layer (batch-1 decode 249.4 -> 251.9 tok/s on an H200).
+Neighbours folded in (one-token steps: model/transformer.Transformer._forward_one_token), each measured in
+one process on an H200 (bench/gpu_ab.py, bench/README.md):
+- `swiglu=True` (w13): a program takes BLOCK_N / 2 gate rows and the matching up rows and writes
+  silu(gate) * up, rounded as kernels/norms.silu_mul rounds it, so w2 streams its weights with no exp in its
+  loop (the product formed tile by tile in w2's loop, `silu_mul=True`, costs the exps of every row block:
+  259.6 -> 263.0 tok/s);
+- `norm` (wqkv, output): the RMSNorm before it. Every program walks all of K anyway, so it sums the squares
+  of the tiles it loads and scales its float32 sums at the end: no pass, no kernel (261.9 -> 263.0 with
+  `residual` below; in w13, whose 4-warp tiles then carry the norm weights too, it cost more than the kernel
+  it saves: 259.4 -> 253.8);
+- `residual` (w2): the residual add, rounded as kernels/norms.add_rms_norm rounds it, in place;
+- `rotary` (wqkv): RoPE of the token's q and k and the k/v store in the paged cache, the arithmetic of
+  kernels/rotary_store on the same rounded values (249.4 -> 251.9 tok/s when it came).
 
 On Hopper the kernel is launched with programmatic dependent launch (kernels/pdl.py) and loads its first
 weight tile before it waits for the kernel before it.
@@ -34,7 +39,8 @@ from mistral7b.kernels.norms import silu_mul
 from mistral7b.kernels.paged_attention import tl, triton  # None without Triton: `project` falls back
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per (N, K): the fastest of a sweep on an H200 for Mistral 7B's
-# projections (bench/README.md); other shapes take DEFAULT.
+# projections (bench/README.md), still the fastest in the engine with the folds above (17 other tilings of
+# w2, w13, wqkv, wo and the output: 224.5-259.3 tok/s against 259.4); other shapes take DEFAULT.
 CONFIGS = {
     (6144, 4096): (16, 512, 8, 4),  # wqkv
     (4096, 4096): (8, 512, 8, 4),  # wo

@@ -242,14 +242,14 @@ class Transformer(nn.Module):
                            logits_index: torch.Tensor | None) -> torch.Tensor:
         """A one-token step through GEMV kernels (kernels/gemv.py) that take their neighbours in: wqkv the
         attention norm, RoPE and the k/v store; w13 SwiGLU's product; w2 the residual add; the output the last
-        norm, writing float32 logits. So a layer is five kernels (wqkv, attention + split merge, wo, add + norm,
-        w13, w2) where the plain order has eight. Sums equal the plain loop's but for the normalised inputs
-        of wqkv and the output, which are not rounded to the activation dtype first."""
+        norm, writing float32 logits. So a layer is seven kernels (wqkv, attention and its split merge, wo,
+        add + norm, w13, w2) where the plain order has eight, and the last norm has none. Sums equal the plain
+        loop's but for the normalised inputs of wqkv and the output, not rounded to the activation dtype."""
         from mistral7b.kernels import gemv as kernels
         from mistral7b.kernels.norms import add_rms_norm
 
         gemv, fold, eps = kernels.gemv, kernels.FOLD_NORMS, self.args.norm_eps
-        residual, delta = h.view(1, -1), None
+        residual, delta = h, None  # [1, 1, dim], as every tensor of the loop: attend_qkv takes [1, N, dim]
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
             if fold:  # the residual stream itself into wqkv: its GEMV normalises it
@@ -270,8 +270,8 @@ class Transformer(nn.Module):
         norm = (self.norm.weight, self.norm.eps) if fold else None
         logits = gemv(residual, self.output.weight, norm=norm, out_dtype=torch.float32)
         if logits_index is not None:  # [] or [0]: the one row's logits or none
-            return logits[: logits_index.numel()]
-        return logits.view(*h.shape[:2], -1)
+            return logits.view(1, -1)[: logits_index.numel()]
+        return logits
 
     def _logits(self, residual: torch.Tensor, delta: torch.Tensor, logits_index: torch.Tensor | None,
                 add_rms_norm: Any, output: Any) -> torch.Tensor:
