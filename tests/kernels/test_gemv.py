@@ -131,7 +131,7 @@ def test_residual_epilogue_equals_the_add_of_add_rms_norm(silu):
     assert torch.equal(got, want)
 
 
-def test_norm_and_rotary_together_equal_normed_input_then_rotary(monkeypatch):
+def test_norm_and_rotary_together_equal_normed_input_then_rotary():
     """wqkv's GEMV with the attention norm folded in as well as RoPE and the cache store (a one-token step's
     first kernel of a layer) == the norm, then the GEMV with RoPE."""
     from mistral7b.kernels import gemv as gemv_module

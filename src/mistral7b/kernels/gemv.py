@@ -86,7 +86,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr,
                      pos_ptr, slot_ptr, inv_freq_ptr, k_ptr, v_ptr, stride_kh, stride_kb, stride_ks,  # ROTARY
-                     norm_w_ptr, eps, res_ptr,  # NORM, RESIDUAL
+                     norm_w_ptr, eps,  # NORM
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      ROTARY: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
@@ -131,9 +131,9 @@ if triton is not None:
         elif ROTARY:
             _rotate_store(y, rows, pos_ptr, slot_ptr, inv_freq_ptr, y_ptr, k_ptr, v_ptr, stride_kh, stride_kb,
                           stride_ks, BLOCK_N, H, H_KV, D, BLOCK_SIZE)
-        elif RESIDUAL:  # the residual stream's add, rounded as kernels/norms.add_rms_norm rounds it, in place
-            r = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(res_ptr + rows, (r + y.to(tl.float32)).to(res_ptr.dtype.element_ty), mask=row_ok)
+        elif RESIDUAL:  # y_ptr is the residual stream: the add, rounded as kernels/norms.add_rms_norm rounds it
+            r = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rows, (r + y.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=row_ok)
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -214,7 +214,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: 
         block_n = max(2, block_n)
     norm_w, eps = norm if norm is not None else (y, 0.0)
     grid = (triton.cdiv(n_out, block_n // 2) if swiglu else triton.cdiv(N, block_n),)
-    _gemv_kernel[grid](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides, norm_w, eps, y,
+    _gemv_kernel[grid](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides, norm_w, eps,
                        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SILU_MUL=silu_mul,
                        ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D, BLOCK_SIZE=bs, NORM=norm is not None,
                        RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=warps, num_stages=stages,

@@ -248,7 +248,7 @@ class Transformer(nn.Module):
         from mistral7b.kernels import gemv as kernels
         from mistral7b.kernels.norms import add_rms_norm
 
-        gemv, fold, eps = kernels.gemv, kernels.FOLD_NORMS, self.args.norm_eps
+        gemv, fold, swiglu, eps = kernels.gemv, kernels.FOLD_NORMS, kernels.SWIGLU_EPILOGUE, self.args.norm_eps
         residual, delta = h, None  # [1, 1, dim], as every tensor of the loop: attend_qkv takes [1, N, dim]
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
@@ -259,7 +259,6 @@ class Transformer(nn.Module):
                 out = cache.attend_qkv(i, attention.wqkv, x, meta)
             residual, x = add_rms_norm(residual, gemv(out.reshape(1, -1), attention.wo.weight),
                                        layer.ffn_norm.weight, eps)  # a new residual tensor: w2 may add to it
-            swiglu = kernels.SWIGLU_EPILOGUE
             act = gemv(x, ff.w13.weight, swiglu=swiglu)
             if fold:
                 gemv(act, ff.w2.weight, silu_mul=not swiglu, residual=residual)
