@@ -50,12 +50,14 @@ def test_kernel_path_without_window_and_mha():
     assert_equal_to_core_path(model, prompts, params, out)
 
 
-@pytest.mark.parametrize("fold_norms,swiglu_epilogue", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("fold_norms,swiglu_epilogue,ffn_norm_in_wo",
+                         [(True, True, True), (True, True, False), (False, False, False), (True, False, True)])
 def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch, fold_norms,
-                                                                      swiglu_epilogue):
+                                                                      swiglu_epilogue, ffn_norm_in_wo):
     """Every one-row projection through the GEMV kernel, wqkv's with RoPE and the cache store folded in (on a
     GPU that is bfloat16 only; here forced for float32 so the engine can be held to the core path), and with
-    the norms and residual adds folded in or apart, SwiGLU's product in w13's GEMV or in w2's."""
+    the norms and residual adds folded in or apart (the norm before w13 started in wo's GEMV and finished in
+    w13's, or a kernel between them), SwiGLU's product in w13's GEMV or in w2's."""
     from torch import nn
 
     from mistral7b.kernels import gemv as gemv_module
@@ -76,6 +78,7 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     monkeypatch.setattr(gemv_module, "takes_kernel", takes_kernel)
     monkeypatch.setattr(gemv_module, "FOLD_NORMS", fold_norms)
     monkeypatch.setattr(gemv_module, "SWIGLU_EPILOGUE", swiglu_epilogue)
+    monkeypatch.setattr(gemv_module, "FFN_NORM_IN_WO", ffn_norm_in_wo)
     monkeypatch.setattr(Transformer, "_forward_one_token", spy)
     model = fuse_projections(copy.deepcopy(windowed).to(DEVICE))
     prompts = make_prompts([3 * W + 2], seed=12)

@@ -168,3 +168,34 @@ def test_swiglu_epilogue_equals_the_product_of_the_two_halves(n, block_n, monkey
     assert got.shape == (1, 1, n // 2) and torch.equal(got, want)
     wide = gemv_module.gemv(x, w13, swiglu=True, out_dtype=torch.float32)
     assert wide.dtype == torch.float32 and torch.equal(wide, want.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_started_in_wo_and_finished_in_w13_equals_add_rms_norm_then_projection(dtype, monkeypatch):
+    """wo's GEMV adding to the residual and starting the next RMSNorm (h * w_norm and per-program sums of h^2,
+    rows that do not fill the last program too), w13's finishing it from those sums: the residual is bit for
+    bit add_rms_norm's, the product W rms_norm(h) within rounding of the exact one."""
+    from mistral7b.kernels import gemv as gemv_module
+    from mistral7b.kernels.norms import add_rms_norm
+
+    n, k, n2 = 40, 64, 24
+    monkeypatch.setitem(gemv_module.CONFIGS, (n, k), (16, 32, 4, 2))  # 3 programs, the last one half full
+    wo, x = _weights(n, k, dtype, seed=12)
+    w13, _ = _weights(n2, n, dtype, seed=13)
+    g = torch.Generator().manual_seed(14)
+    residual = (torch.randn(1, 1, n, generator=g) * 3.0).to(DEVICE, dtype)
+    norm_w = (torch.rand(n, generator=g) + 0.5).to(DEVICE, dtype)
+    want_residual, _ = add_rms_norm(residual, gemv_module.gemv(x, wo), norm_w, 1e-5)
+    got_residual, scaled, squares = gemv_module.gemv_residual_prenorm(x, wo, residual.clone(), norm_w)
+    assert torch.equal(got_residual, want_residual) and squares.shape == (3,)
+    h = want_residual.double()
+    torch.testing.assert_close(squares.double().sum(), h.pow(2).sum(), rtol=1e-6, atol=0)
+    assert_bf16_close(scaled, h * norm_w.double())  # (bfloat16 rounds it: the interpreter truncates)
+    got = gemv_module.gemv(scaled, w13, rms=(squares, 1e-5))
+    # the exact product of the rounded h * w_norm, scaled by the exact 1 / rms(h): one rounding away
+    want = (scaled.double() @ w13.double().T) * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert got.shape == (1, 1, n2) and got.dtype == dtype
+    if dtype == torch.float32:
+        assert ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max().item() < 1e-5
+    else:
+        assert_bf16_close(got, want)

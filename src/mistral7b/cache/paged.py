@@ -196,7 +196,7 @@ class PagedKVCache:
         if max_keys <= 0:
             return 1
         want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
-        return max(1, min(MAX_SPLITS, want, -(-max_keys // 64)))
+        return max(1, min(MAX_SPLITS, want, -(-max_keys // 32)))
 
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""

@@ -54,6 +54,9 @@ DEFAULT = (8, 512, 4, 3)
 # product in w13's GEMV (rather than in w2's). False keeps the separate kernels (to measure the difference).
 FOLD_NORMS = True
 SWIGLU_EPILOGUE = True
+# With FOLD_NORMS: wo's GEMV adds to the residual and starts the norm before w13 (`gemv_residual_prenorm`),
+# w13's finishes it (`rms=`); False keeps kernels/norms.add_rms_norm between them.
+FFN_NORM_IN_WO = True
 
 if triton is not None:
     from mistral7b.kernels.norms import silu_product
@@ -86,11 +89,12 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K: tl.constexpr,
                      pos_ptr, slot_ptr, inv_freq_ptr, k_ptr, v_ptr, stride_kh, stride_kb, stride_ks,  # ROTARY
-                     norm_w_ptr, eps,  # NORM
+                     norm_w_ptr, eps,  # NORM, PRENORM (norm_w_ptr), RMS_PARTS (eps)
+                     scaled_ptr, squares_ptr,  # PRENORM (both), RMS_PARTS (squares_ptr)
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      ROTARY: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PRENORM: tl.constexpr, RMS_PARTS: tl.constexpr, RMS_PAD: tl.constexpr, PDL: tl.constexpr):
         if SWIGLU:  # w13 = [w1 | w3]: gate rows and the up rows N / 2 further, BLOCK_N / 2 of each
             i = tl.arange(0, BLOCK_N)
             out_rows = tl.program_id(0) * (BLOCK_N // 2) + i % (BLOCK_N // 2)
@@ -122,6 +126,10 @@ if triton is not None:
         y = tl.sum(acc, 1)
         if NORM:  # W (h * w_norm) / rms(h): the sum of squares came with the row's tiles, so it costs no pass
             y = y * (1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps))
+        if RMS_PARTS > 0:  # W (h * w_norm) / rms(h), h * w_norm and the squares of h from the kernel before
+            parts = tl.arange(0, RMS_PAD)
+            part_squares = tl.load(squares_ptr + parts, mask=parts < RMS_PARTS, other=0.0)
+            y = y * (1.0 / tl.sqrt(tl.sum(part_squares, 0) / K + eps))
         y = y.to(x_ptr.dtype.element_ty)  # the projection's output dtype (then float32 logits, say, in y_ptr's)
         if SWIGLU:  # silu(gate) * up, rounded as kernels/norms.silu_mul rounds it
             gate, up = tl.split(tl.trans(tl.reshape(y.to(tl.float32), (2, BLOCK_N // 2))))
@@ -133,7 +141,13 @@ if triton is not None:
                           stride_ks, BLOCK_N, H, H_KV, D, BLOCK_SIZE)
         elif RESIDUAL:  # y_ptr is the residual stream: the add, rounded as kernels/norms.add_rms_norm rounds it
             r = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rows, (r + y.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=row_ok)
+            h = (r + y.to(tl.float32)).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + rows, h, mask=row_ok)
+            if PRENORM:  # the next norm's elementwise half, and this program's share of its sum of squares
+                h = h.to(tl.float32)
+                w_norm = tl.load(norm_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                tl.store(scaled_ptr + rows, (h * w_norm).to(scaled_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(squares_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, h * h, 0.0), 0))
         else:
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -178,17 +192,36 @@ class Rotary:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: Rotary | None = None,
          norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-         swiglu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         swiglu: bool = False, out_dtype: torch.dtype | None = None,
+         rms: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [..., K] (one row in all; [..., 2K] = [gate | up] with silu_mul) times weight [N, K]^T -> [..., N].
     With `rotary` (weight = the fused wqkv) k and v go to the cache and only the rotated q is valid.
     With `norm` = (w_norm, eps) x is the residual stream h and the product is W rms_norm(h) (the norm's
-    scale applied to the float32 sums, so x is not rounded to the activation dtype first). With `residual`
-    (one row of N) the product is added to it in place, rounded as kernels/norms.add_rms_norm rounds the
-    add, and the residual is returned. With `swiglu` (weight = the fused w13 [w1 | w3]) the result is
-    silu(gate) * up [..., N / 2]. `out_dtype`: the result's dtype (the sums are rounded to x's first)."""
+    scale applied to the float32 sums, so x is not rounded to the activation dtype first). With `rms` =
+    (squares, eps) x is h * w_norm from `gemv_residual_prenorm` and `squares` its partial sums of h^2: the
+    product is scaled the same way. With `residual` (one row of N) the product is added to it in place,
+    rounded as kernels/norms.add_rms_norm rounds the add, and the residual is returned. With `swiglu` (weight =
+    the fused w13 [w1 | w3]) the result is silu(gate) * up [..., N / 2]. `out_dtype`: the result's dtype (the
+    sums are rounded to x's first)."""
+    return _launch(x, weight, silu_mul, rotary, norm, residual, swiglu, out_dtype, rms, None)[0]
+
+
+def gemv_residual_prenorm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                          norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`gemv(x, weight, residual=residual)` that also starts the RMSNorm after the add: (residual, h * w_norm in
+    the activation dtype, float32 partial sums of h^2, one a program), for a `gemv(..., rms=(squares, eps))`
+    to finish. So the norm between wo and w13 needs no kernel of its own."""
+    return _launch(x, weight, False, None, None, residual, False, None, None, norm_weight)  # type: ignore[return-value]
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, rotary: Rotary | None,
+            norm: tuple[torch.Tensor, float] | None, residual: torch.Tensor | None, swiglu: bool,
+            out_dtype: torch.dtype | None, rms: tuple[torch.Tensor, float] | None,
+            prenorm: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     N, K = weight.shape
     assert weight.is_contiguous() and x.numel() == (2 * K if silu_mul else K)
     assert not (norm is not None and silu_mul) and sum((residual is not None, rotary is not None, swiglu)) <= 1
+    assert (prenorm is None or residual is not None) and (norm is None or rms is None)
     flat = x.reshape(-1).contiguous()
     n_out = N // 2 if swiglu else N
     if residual is not None:
@@ -212,16 +245,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: 
     if swiglu:
         assert N % 2 == 0
         block_n = max(2, block_n)
-    norm_w, eps = norm if norm is not None else (y, 0.0)
     grid = (triton.cdiv(n_out, block_n // 2) if swiglu else triton.cdiv(N, block_n),)
+    norm_w, eps = norm if norm is not None else (y, 0.0)
+    scaled = squares = y
+    parts = 0
+    if prenorm is not None:
+        assert prenorm.numel() == N
+        norm_w, scaled = prenorm, torch.empty_like(y)
+        squares = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    if rms is not None:
+        squares, eps = rms
+        parts = squares.numel()
+        assert squares.dtype == torch.float32 and squares.is_contiguous()
     _gemv_kernel[grid](flat, weight, y, N, K, pos, slots, inv_freq, k_cache, v_cache, *strides, norm_w, eps,
+                       scaled, squares,
                        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SILU_MUL=silu_mul,
                        ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D, BLOCK_SIZE=bs, NORM=norm is not None,
-                       RESIDUAL=residual is not None, SWIGLU=swiglu, num_warps=warps, num_stages=stages,
-                       **pdl.options(x.device, 1))
+                       RESIDUAL=residual is not None, SWIGLU=swiglu, PRENORM=prenorm is not None,
+                       RMS_PARTS=parts, RMS_PAD=triton.next_power_of_2(max(parts, 1)), num_warps=warps,
+                       num_stages=stages, **pdl.options(x.device, 1))
     if residual is not None:
-        return residual
-    return y.view(*x.shape[:-1], n_out)
+        return (residual, scaled.view(residual.shape), squares) if prenorm is not None else (residual,)
+    return (y.view(*x.shape[:-1], n_out),)
 
 
 def takes_kernel(module: nn.Module, x: torch.Tensor) -> bool:

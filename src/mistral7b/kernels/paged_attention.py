@@ -52,14 +52,17 @@ if triton is not None:
     def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
                      stride_bt, stride_kh, stride_kb, stride_ks, scale_log2,
                      BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        """One block of BLOCK_N keys from `start` into the running (acc, max, sum); scores in base 2."""
+                     PRECISION: tl.constexpr, V_EARLY: tl.constexpr = False):
+        """One block of BLOCK_N keys from `start` into the running (acc, max, sum); scores in base 2. With
+        V_EARLY the values are loaded with the keys (a split of one or two blocks: no loop to pipeline them)."""
         k_pos = start + tl.arange(0, BLOCK_N)
         d = tl.arange(0, D)
         k_ok = k_pos < hi
         block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
         kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
         k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        if V_EARLY:
+            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         if MASKED:
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
@@ -70,7 +73,8 @@ if triton is not None:
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        if not V_EARLY:
+            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
@@ -82,17 +86,19 @@ if triton is not None:
         stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
         G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr, PDL: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr, V_EARLY: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        after_previous(PDL)
+        # The step's metadata is written before its first kernel (host copies, or a graph's inputs), so with
+        # PDL it is read while the kernel before finishes; q and the new token's key and value only after.
         seq = tl.load(tile_seq_ptr + tile)
         q0 = tl.load(tile_q_ptr + tile)
         q_begin = tl.load(query_start_ptr + seq)
         n_q = tl.load(query_start_ptr + seq + 1) - q_begin
         seq_len = tl.load(seq_lens_ptr + seq)  # keys = positions 0 .. seq_len - 1, the new tokens last
+        after_previous(PDL)
 
         rows = tl.arange(0, BLOCK_Q * G_PAD)
         qi = q0 + rows // G_PAD
@@ -144,7 +150,7 @@ if triton is not None:
             for start in range(lo, hi, BLOCK_N):
                 acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
                                              block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
-                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION)
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION, V_EARLY)
 
         heads = kvh * G + g
         if SPLITS == 1:
@@ -183,6 +189,9 @@ def _warps(rows: int) -> int:
 
 
 DECODE_WARPS = 2
+# Split programs (a few sequences decoding, one or two key blocks each) load a block's values with its keys,
+# not after the scores: False loads them after (to measure the difference).
+V_WITH_KEYS = True
 
 
 def paged_attention(
@@ -234,6 +243,7 @@ def paged_attention(
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
+        V_EARLY=num_splits > 1 and V_WITH_KEYS,
         num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages, **pdl.options(q.device, N),
     )
     if num_splits > 1:

@@ -249,6 +249,7 @@ class Transformer(nn.Module):
         from mistral7b.kernels.norms import add_rms_norm
 
         gemv, fold, swiglu, eps = kernels.gemv, kernels.FOLD_NORMS, kernels.SWIGLU_EPILOGUE, self.args.norm_eps
+        ffn_norm_in_wo = fold and kernels.FFN_NORM_IN_WO
         residual, delta = h, None  # [1, 1, dim], as every tensor of the loop: attend_qkv takes [1, N, dim]
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
@@ -257,9 +258,14 @@ class Transformer(nn.Module):
             else:
                 residual, x = add_rms_norm(residual, delta, layer.attention_norm.weight, eps)
                 out = cache.attend_qkv(i, attention.wqkv, x, meta)
-            residual, x = add_rms_norm(residual, gemv(out.reshape(1, -1), attention.wo.weight),
-                                       layer.ffn_norm.weight, eps)  # a new residual tensor: w2 may add to it
-            act = gemv(x, ff.w13.weight, swiglu=swiglu)
+            if ffn_norm_in_wo:  # h (the embeddings' fresh tensor at first) is added to in place
+                residual, x, squares = kernels.gemv_residual_prenorm(out.reshape(1, -1), attention.wo.weight,
+                                                                     residual, layer.ffn_norm.weight)
+                act = gemv(x, ff.w13.weight, swiglu=swiglu, rms=(squares, eps))
+            else:
+                residual, x = add_rms_norm(residual, gemv(out.reshape(1, -1), attention.wo.weight),
+                                           layer.ffn_norm.weight, eps)  # a new residual tensor: w2 may add to it
+                act = gemv(x, ff.w13.weight, swiglu=swiglu)
             if fold:
                 gemv(act, ff.w2.weight, silu_mul=not swiglu, residual=residual)
             else:
