@@ -42,7 +42,9 @@ DECODE_ROWS = 16  # rows of the kernel's matrix product for decode tiles: querie
 PREFILL_ROWS = 64  # 16 queries x 4 heads for Mistral: the fastest of a sweep on an H200 (bench/README.md)
 # Key splits of a decode sequence at most: batch-1 decode on an H200 (8 KV heads, ~768 keys) 254.9 tok/s with
 # 16, 259.1 with 24 or 32 (one 32-key block a split), 258.5 with 64 splits of 16 keys (bench/README.md).
+# A split takes at least 32 keys (with a limit of 1,280 tokens: 32 splits, not 20 of 64 keys: 259.2 -> 263.2).
 MAX_SPLITS = 32
+MIN_SPLIT_KEYS = 32
 
 
 @dataclass
@@ -196,7 +198,7 @@ class PagedKVCache:
         if max_keys <= 0:
             return 1
         want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
-        return max(1, min(MAX_SPLITS, want, -(-max_keys // 32)))
+        return max(1, min(MAX_SPLITS, want, -(-max_keys // MIN_SPLIT_KEYS)))
 
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""

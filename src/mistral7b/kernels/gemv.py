@@ -17,6 +17,11 @@ one process on an H200 (bench/gpu_ab.py, bench/README.md):
   `residual` below; in w13, whose 4-warp tiles then carry the norm weights too, it cost more than the kernel
   it saves: 259.4 -> 253.8);
 - `residual` (w2): the residual add, rounded as kernels/norms.add_rms_norm rounds it, in place;
+- `gemv_residual_prenorm` (wo) and `rms` (w13): the norm between them split over the two kernels. wo's GEMV
+  adds to the residual (as `residual`), then writes h * w_norm for its rows and its share of the sum of h^2
+  (one float a program); w13's GEMV reads those few hundred floats after its loop and scales its sums, so no
+  kernel runs between the two (266.5 -> 267.9 tok/s; the partial sums read before the loop instead, kept
+  live through it: 253.6 against 260.8);
 - `rotary` (wqkv): RoPE of the token's q and k and the k/v store in the paged cache, the arithmetic of
   kernels/rotary_store on the same rounded values (249.4 -> 251.9 tok/s when it came).
 

@@ -241,10 +241,12 @@ class Transformer(nn.Module):
     def _forward_one_token(self, h: torch.Tensor, meta: Any, cache: Any,
                            logits_index: torch.Tensor | None) -> torch.Tensor:
         """A one-token step through GEMV kernels (kernels/gemv.py) that take their neighbours in: wqkv the
-        attention norm, RoPE and the k/v store; w13 SwiGLU's product; w2 the residual add; the output the last
-        norm, writing float32 logits. So a layer is seven kernels (wqkv, attention and its split merge, wo,
-        add + norm, w13, w2) where the plain order has eight, and the last norm has none. Sums equal the plain
-        loop's but for the normalised inputs of wqkv and the output, not rounded to the activation dtype."""
+        attention norm, RoPE and the k/v store; wo the residual add and the first half of the norm before w13,
+        w13 its second half and SwiGLU's product; w2 the residual add; the output the last norm, writing
+        float32 logits. So a layer is six kernels (wqkv, attention and its split merge, wo, w13, w2) where the
+        plain order has eight, and the last norm has none. Sums equal the plain loop's but for the normalised
+        inputs of wqkv, w13 and the output: wqkv's and the output's are not rounded to the activation dtype,
+        w13's is h * w_norm rounded, with 1 / rms(h) applied to the float32 sums."""
         from mistral7b.kernels import gemv as kernels
         from mistral7b.kernels.norms import add_rms_norm
 
