@@ -121,7 +121,8 @@ def main() -> None:
     for label, kw in [("shipped", {}), ("no PDL", dict(pdl=False)),
                       ("the norm before w13 a kernel", dict(ffn_norm_in_wo=False)),
                       ("all norms apart", dict(fold_norms=False)),
-                      ("SwiGLU's product in w2's GEMV", dict(swiglu_epilogue=False)), ("16 key splits", dict(splits=16)),
+                      ("SwiGLU's product in w2's GEMV", dict(swiglu_epilogue=False)),
+                      ("16 key splits", dict(splits=16)),
                       ("the kernels of two sessions ago", previous),
                       ("... and a separate rotary-store kernel", dict(previous, rope_in_gemv=False))]:
         configure(**kw)

@@ -15,8 +15,9 @@ key blocks that need no mask (inside every row's window and causal range) withou
 The launch is fixed-shape given (tiles, splits), so a decode step can be captured in a CUDA graph: nothing
 here reads a value back to the host. With programmatic dependent launch (one-token steps, kernels/pdl.py) the
 step's metadata is read before the wait for the kernel before (batch 1 on an H200: 8.4 -> 7.7 us a layer,
-259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise). `reference_paged_attention` is the same computation in PyTorch, the
-oracle of the tests (which also run the kernel itself under TRITON_INTERPRET=1 on a CPU).
+259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise).
+`reference_paged_attention` is the same computation in PyTorch, the oracle of the tests (which also run the
+kernel itself under TRITON_INTERPRET=1 on a CPU).
 """
 
 from __future__ import annotations
