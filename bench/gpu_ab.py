@@ -4,8 +4,9 @@ bench/gpu.py measures the engine as shipped; this one measures what each switch 
 same minute (machines differ by a few percent in their ceilings, so comparisons across runs are weaker):
 - batch 1 (512-token prompt, 256 greedy tokens, best of 3): programmatic dependent launch on / off
   (MISTRAL7B_PDL, kernels/pdl.py); the norm before w13 started in wo's GEMV and finished in w13's, or a kernel
-  (kernels/gemv.FFN_NORM_IN_WO); all norms folded into wqkv's and the output's GEMVs and w2's residual add
-  into its GEMV, or apart (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
+  (kernels/gemv.FFN_NORM_IN_WO); wo's epilogue loads before or after its loop (kernels/gemv.EARLY_EPILOGUE);
+  all norms folded into wqkv's and the output's GEMVs and w2's residual add into its GEMV, or apart
+  (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
   (kernels/gemv.SWIGLU_EPILOGUE); up to 32 or 16 key splits (cache/paged.MAX_SPLITS); RoPE + k/v store in
   wqkv's GEMV or in the separate rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); and all of the
   last four as the previous session had them. The tokens of each variant are compared with the first's (PDL
@@ -54,11 +55,11 @@ SPLITS = paged.MAX_SPLITS
 
 
 def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
-              ffn_norm_in_wo: bool = True, splits: int = SPLITS, warps: int = 2) -> None:
+              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 2) -> None:
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
     paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
     gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
-    gemv.FFN_NORM_IN_WO = ffn_norm_in_wo
+    gemv.FFN_NORM_IN_WO, gemv.EARLY_EPILOGUE = ffn_norm_in_wo, early_epilogue
     paged_attention.DECODE_WARPS = warps
 
 
@@ -119,6 +120,7 @@ def main() -> None:
     first = None
     previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16)
     for label, kw in [("shipped", {}), ("no PDL", dict(pdl=False)),
+                      ("wo's epilogue loads after its loop", dict(early_epilogue=False)),
                       ("the norm before w13 a kernel", dict(ffn_norm_in_wo=False)),
                       ("all norms apart", dict(fold_norms=False)),
                       ("SwiGLU's product in w2's GEMV", dict(swiglu_epilogue=False)),

@@ -62,6 +62,8 @@ SWIGLU_EPILOGUE = True
 # With FOLD_NORMS: wo's GEMV adds to the residual and starts the norm before w13 (`gemv_residual_prenorm`),
 # w13's finishes it (`rms=`); False keeps kernels/norms.add_rms_norm between them.
 FFN_NORM_IN_WO = True
+# wo's epilogue loads before its loop (see the kernel); False: after it, as the other epilogues do.
+EARLY_EPILOGUE = True
 
 if triton is not None:
     from mistral7b.kernels.norms import silu_product
@@ -99,7 +101,8 @@ if triton is not None:
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
                      ROTARY: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-                     PRENORM: tl.constexpr, RMS_PARTS: tl.constexpr, RMS_PAD: tl.constexpr, PDL: tl.constexpr):
+                     PRENORM: tl.constexpr, RMS_PARTS: tl.constexpr, RMS_PAD: tl.constexpr,
+                     EARLY_EPILOGUE: tl.constexpr, PDL: tl.constexpr):
         if SWIGLU:  # w13 = [w1 | w3]: gate rows and the up rows N / 2 further, BLOCK_N / 2 of each
             i = tl.arange(0, BLOCK_N)
             out_rows = tl.program_id(0) * (BLOCK_N // 2) + i % (BLOCK_N // 2)
@@ -115,7 +118,15 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # wo's epilogue (PRENORM) loads its residual and norm weights before its loop, off the kernel's tail
+        # (9.9 against 10.3 us a layer on an H200). Not so elsewhere: w2's residual loaded there made w2 29.5 ->
+        # 37.4 us, wqkv's RoPE angles and slot before the wait made wqkv 15.0 -> 19.7 us.
+        EARLY: tl.constexpr = RESIDUAL and PRENORM and EARLY_EPILOGUE
+        if EARLY:  # weights: before the wait
+            w_norm = tl.load(norm_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         after_previous(PDL)
+        if EARLY:
+            r = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         x, squares = _input_tile(x_ptr, norm_w_ptr, squares, cols, col_ok, K, EVEN_K, SILU_MUL, NORM)
         acc = w.to(tl.float32) * x[None, :]
@@ -145,12 +156,14 @@ if triton is not None:
             _rotate_store(y, rows, pos_ptr, slot_ptr, inv_freq_ptr, y_ptr, k_ptr, v_ptr, stride_kh, stride_kb,
                           stride_ks, BLOCK_N, H, H_KV, D, BLOCK_SIZE)
         elif RESIDUAL:  # y_ptr is the residual stream: the add, rounded as kernels/norms.add_rms_norm rounds it
-            r = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if not EARLY:
+                r = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             h = (r + y.to(tl.float32)).to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + rows, h, mask=row_ok)
             if PRENORM:  # the next norm's elementwise half, and this program's share of its sum of squares
                 h = h.to(tl.float32)
-                w_norm = tl.load(norm_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                if not EARLY:
+                    w_norm = tl.load(norm_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
                 tl.store(scaled_ptr + rows, (h * w_norm).to(scaled_ptr.dtype.element_ty), mask=row_ok)
                 tl.store(squares_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, h * h, 0.0), 0))
         else:
@@ -267,7 +280,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, rotary: Rotar
                        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, SILU_MUL=silu_mul,
                        ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D, BLOCK_SIZE=bs, NORM=norm is not None,
                        RESIDUAL=residual is not None, SWIGLU=swiglu, PRENORM=prenorm is not None,
-                       RMS_PARTS=parts, RMS_PAD=triton.next_power_of_2(max(parts, 1)), num_warps=warps,
+                       RMS_PARTS=parts, RMS_PAD=triton.next_power_of_2(max(parts, 1)),
+                       EARLY_EPILOGUE=EARLY_EPILOGUE, num_warps=warps,
                        num_stages=stages, **pdl.options(x.device, 1))
     if residual is not None:
         return (residual, scaled.view(residual.shape), squares) if prenorm is not None else (residual,)
