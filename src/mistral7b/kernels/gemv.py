@@ -229,7 +229,8 @@ def gemv_residual_prenorm(x: torch.Tensor, weight: torch.Tensor, residual: torch
     """`gemv(x, weight, residual=residual)` that also starts the RMSNorm after the add: (residual, h * w_norm in
     the activation dtype, float32 partial sums of h^2, one a program), for a `gemv(..., rms=(squares, eps))`
     to finish. So the norm between wo and w13 needs no kernel of its own."""
-    return _launch(x, weight, False, None, None, residual, False, None, None, norm_weight)  # type: ignore[return-value]
+    residual, scaled, squares = _launch(x, weight, False, None, None, residual, False, None, None, norm_weight)
+    return residual, scaled, squares
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, rotary: Rotary | None,
