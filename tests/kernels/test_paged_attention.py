@@ -85,7 +85,32 @@ def test_one_token_step_equals_reference(splits: int, total: int, window: int | 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_rotary_store_equals_pytorch() -> None:
+@pytest.mark.parametrize("splits", [2, 5])
+def test_mixed_step_split_decodes_then_prefill(splits: int) -> None:
+    """A mixed step as the cache launches it: its decodes (first) with key splits over `split_tokens` rows, then
+    its pre-fill tiles. The decode launch writes no row past its own (its partials and merge skip the pre-fill
+    tokens), and the two launches together equal the reference."""
+    lens_new = [1, 1, 1, 9, 20]
+    lens_total = [40, 3, 77, 9, 52]
+    q, k, v, tables, seq_lens, query_start = _case(lens_new, lens_total, 8, 2, 24, block_size=8, seed=5)
+    want = pa.reference_paged_attention(q, k, v, tables, seq_lens, query_start, 24)
+    out = torch.full_like(q, 7.0).to(DEVICE)
+    args = dev(q, k, v, tables, seq_lens, query_start)
+    zeros = torch.zeros(3, dtype=torch.int32)
+    pa.paged_attention(*args, *dev(torch.arange(3, dtype=torch.int32), zeros), 24, 4, num_splits=splits, out=out,
+                       split_tokens=3)
+    assert bool((out[3:] == 7.0).all()), "the decode launch wrote pre-fill rows"
+    seqs, firsts = pa.query_tiles([0, 0, 0, 9, 20], 4)
+    pa.paged_attention(*args, *dev(torch.tensor(seqs, dtype=torch.int32), torch.tensor(firsts, dtype=torch.int32)),
+                       24, 4, out=out)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("heads_per_program", [4, 16])
+def test_rotary_store_equals_pytorch(heads_per_program: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 heads (6 q, 2 k, 2 v): a program each for q, k and v, or blocks of 4 heads (the last q and the k and v
+    blocks half empty)."""
+    from mistral7b.kernels import rotary_store as module
     from mistral7b.kernels.rotary_store import rotary_store
     from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
@@ -97,6 +122,7 @@ def test_rotary_store_equals_pytorch() -> None:
     k_cache = torch.zeros(H_kv, num_blocks, bs, D)
     v_cache = torch.zeros(H_kv, num_blocks, bs, D)
     inv_freq = inv_frequencies(D, 1e6, "cpu")
+    monkeypatch.setattr(module, "HEADS", heads_per_program)
     k_dev, v_dev = dev(k_cache, v_cache)
     q = rotary_store(*dev(qkv, positions, inv_freq, slots), k_dev, v_dev, H).cpu()
     k_cache, v_cache = k_dev.cpu(), v_dev.cpu()

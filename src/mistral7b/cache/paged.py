@@ -91,6 +91,7 @@ class KernelLaunch:
     tile_q: torch.Tensor  # [tiles] int32
     block_q: int
     num_splits: int = 1
+    tokens: int | None = None  # with splits: the launch covers the step's first `tokens` tokens (its decodes)
 
 
 @dataclass
@@ -240,7 +241,7 @@ class PagedKVCache:
             keys = max(min(s.start + 1, window) for s in decodes)
             launches.append(KernelLaunch(torch.arange(len(decodes), dtype=i32, device=dev),
                                          torch.zeros(len(decodes), dtype=i32, device=dev),
-                                         self.decode_block_q, self.decode_splits(len(decodes), keys)))
+                                         self.decode_block_q, self.decode_splits(len(decodes), keys), len(decodes)))
         if prefills:
             seqs, firsts = self._kernels.query_tiles([0] * len(decodes) + [s.n for s in prefills], self.prefill_block_q)
             launches.append(KernelLaunch(upload(seqs, dev, i32), upload(firsts, dev, i32), self.prefill_block_q))
@@ -306,7 +307,7 @@ class PagedKVCache:
         for launch in km.launches:
             self._kernels.paged_attention(q, self.k[layer], self.v[layer], km.block_tables, km.seq_lens, km.query_start,
                                    launch.tile_seq, launch.tile_q, self.window, launch.block_q, launch.num_splits,
-                                   out=out)
+                                   out=out, split_tokens=launch.tokens)
         return out
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

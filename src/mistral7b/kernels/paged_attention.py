@@ -210,6 +210,7 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    split_tokens: int | None = None,
 ) -> torch.Tensor:
     """Attention of the new tokens q [N, H, D] over the paged pool k/v [H_kv, num_blocks, block_size, D].
 
@@ -217,7 +218,9 @@ def paged_attention(
     positions 0 .. seq_lens[s] - 1 are in the pool, these included), and its block table row
     block_tables[s] (int32). tile_seq / tile_q (int32, from `query_tiles(..., block_q)`) list the programs.
     Writes and returns out [N, H, D] in q's dtype (rows no tile covers are left as they are).
-    With num_splits > 1 the splits' partial results are merged by a second kernel. (Merging them in the
+    With num_splits > 1 the splits' partial results are merged by a second kernel; `split_tokens` then says
+    that the tiles cover only the step's first split_tokens tokens (a mixed step's decodes, which come first:
+    the partials and the merge skip its pre-fill tokens, whose own launch follows). (Merging them in the
     last split to finish, counted with an atomic add, saves that launch but made batch-1 decode slower on an
     H200: 249.4 -> 245.2 tok/s.)
     """
@@ -232,13 +235,15 @@ def paged_attention(
         return out
     block_n = block_n or (64 if block_q * g_pad >= 64 else 32)
     part = stats = out
+    rows = N
     if num_splits > 1:
-        part = torch.empty((num_splits, N, H, D), dtype=torch.float32, device=q.device)
-        stats = torch.empty((2, num_splits, N, H), dtype=torch.float32, device=q.device)
+        rows = N if split_tokens is None else split_tokens
+        part = torch.empty((num_splits, rows, H, D), dtype=torch.float32, device=q.device)
+        stats = torch.empty((2, num_splits, rows, H), dtype=torch.float32, device=q.device)
     grid = (tiles, H_kv, num_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part, stats, block_tables, seq_lens, query_start, tile_seq, tile_q,
-        D**-0.5, window or 0, N, H,
+        D**-0.5, window or 0, rows, H,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
@@ -247,7 +252,7 @@ def paged_attention(
         num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages, **pdl.options(q.device, N),
     )
     if num_splits > 1:
-        _merge_kernel[(N, H)](part, stats, out, N, H, out.stride(0), out.stride(1), SPLITS=num_splits,
+        _merge_kernel[(rows, H)](part, stats, out, rows, H, out.stride(0), out.stride(1), SPLITS=num_splits,
                               S_PAD=triton.next_power_of_2(num_splits), D=D, **pdl.options(q.device, N))
     return out
 
