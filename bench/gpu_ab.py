@@ -11,7 +11,8 @@ same minute (machines differ by a few percent in their ceilings, so comparisons 
   wqkv's GEMV or in the separate rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); and all of the
   last four as the previous session had them. The tokens of each variant are compared with the first's (PDL
   must not change one; the others may flip bf16 near-ties on random weights);
-- 256 requests of 512 in / 256 out: decode attention tiles with 2 or 4 warps (kernels/paged_attention.DECODE_WARPS).
+- 256 requests of 512 in / 256 out: unsplit decode attention tiles with 1 or 2 warps
+  (kernels/paged_attention.DECODE_WARPS).
 
 Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 3 minutes on an H200; no checkpoint is written)
 CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
@@ -55,7 +56,7 @@ SPLITS = paged.MAX_SPLITS
 
 
 def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
-              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 2) -> None:
+              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1) -> None:
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
     paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
     gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
@@ -140,7 +141,7 @@ def main() -> None:
         del engine
         gc.collect()
 
-    for label, warps in [("2 warps (shipped)", 2), ("4 warps", 4)]:
+    for label, warps in [("1 warp (shipped)", 1), ("2 warps", 2)]:
         configure(warps=warps)
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options))
         throughput(engine, requests, prompt, 8, args.vocab_size, seed=1)

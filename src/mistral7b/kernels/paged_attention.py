@@ -185,13 +185,18 @@ if triton is not None:
         tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _warps(rows: int) -> int:
-    """Warps of a tile of `rows` query rows: decode tiles (16 rows: a GQA group of 4 padded) stream their keys
-    fastest with 2 (an H200, 256 sequences x 640 keys: 167 us a layer against 174 with 4; bench/README.md)."""
-    return DECODE_WARPS if rows <= 16 else 4 if rows <= 64 else 8
+def _warps(rows: int, num_splits: int) -> int:
+    """Warps of a tile of `rows` query rows. Decode tiles (16 rows: a GQA group of 4 padded) stream their keys
+    fastest with one warp when each program takes a whole sequence (an H200, 256 sequences x 560 / 700 keys:
+    145.0 / 174.5 us a layer, 4.1-4.2 TB/s, against 159.6 / 189.7 with 2 warps; bench/README.md); split
+    launches (few sequences: batch 1) keep the 2 they were tuned with."""
+    if rows <= 16:
+        return DECODE_WARPS if num_splits == 1 else SPLIT_WARPS
+    return 4 if rows <= 64 else 8
 
 
-DECODE_WARPS = 2
+DECODE_WARPS = 1
+SPLIT_WARPS = 2
 
 
 def paged_attention(
@@ -249,7 +254,7 @@ def paged_attention(
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
         V_EARLY=num_splits > 1,  # a split's one or two key blocks: no loop to pipeline their values
-        num_warps=num_warps or _warps(block_q * g_pad), num_stages=num_stages, **pdl.options(q.device, N),
+        num_warps=num_warps or _warps(block_q * g_pad, num_splits), num_stages=num_stages, **pdl.options(q.device, N),
     )
     if num_splits > 1:
         _merge_kernel[(rows, H)](part, stats, out, rows, H, out.stride(0), out.stride(1), SPLITS=num_splits,
