@@ -7,12 +7,17 @@ same minute (machines differ by a few percent in their ceilings, so comparisons 
   (kernels/gemv.FFN_NORM_IN_WO); wo's epilogue loads before or after its loop (kernels/gemv.EARLY_EPILOGUE);
   all norms folded into wqkv's and the output's GEMVs and w2's residual add into its GEMV, or apart
   (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
-  (kernels/gemv.SWIGLU_EPILOGUE); up to 32 or 16 key splits (cache/paged.MAX_SPLITS); RoPE + k/v store in
-  wqkv's GEMV or in the separate rotary-store kernel (cache/paged.PagedKVCache.attend_qkv); and all of the
-  last four as the previous session had them. The tokens of each variant are compared with the first's (PDL
+  (kernels/gemv.SWIGLU_EPILOGUE); a split's first key block of earlier steps loaded before or after PDL's wait
+  (kernels/paged_attention.KV_BEFORE_WAIT); the output's tile swept with its norm fold or the one before
+  (kernels/gemv.CONFIGS); greedy picks by our argmax kernel or PyTorch's (kernels/argmax.py); the decode graph's
+  inputs spread by one kernel or five copies (engine/cuda_graphs.SPREAD_KERNEL); up to 32 or 16 key splits
+  (cache/paged.MAX_SPLITS); RoPE + k/v store in wqkv's GEMV or in the separate rotary-store kernel
+  (cache/paged.PagedKVCache.attend_qkv); and the kernels of two sessions ago (norms apart, SwiGLU in w2,
+  16 splits, and this session's four switches off). The tokens of each variant are compared with the first's (PDL
   must not change one; the others may flip bf16 near-ties on random weights);
-- 256 requests of 512 in / 256 out: unsplit decode attention tiles with 1 or 2 warps
-  (kernels/paged_attention.DECODE_WARPS).
+- 256 requests of 512 in / 256 out: PyTorch's argmax, and unsplit decode attention tiles with 2 warps
+  rather than 1 (kernels/paged_attention.DECODE_WARPS).
+--focus runs only this session's switches.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 3 minutes on an H200; no checkpoint is written)
 CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
@@ -34,6 +39,7 @@ import torch  # noqa: E402
 
 from mistral7b.cache import paged  # noqa: E402
 from mistral7b.config import ModelArgs  # noqa: E402
+from mistral7b.engine import cuda_graphs, llm_engine  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 from mistral7b.kernels import gemv, paged_attention  # noqa: E402
@@ -55,13 +61,28 @@ def unfolded(self: paged.PagedKVCache, layer: int, wqkv: Any, x: torch.Tensor, m
 SPLITS = paged.MAX_SPLITS
 
 
+OUTPUT_TILE = gemv.CONFIGS[(32000, 4096)]
+
+
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+KERNEL_ARGMAX = llm_engine._greedy
+
+
 def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
-              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1) -> None:
+              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1,
+              kv_before_wait: bool = True, output_tile: tuple[int, ...] = OUTPUT_TILE, argmax_kernel: bool = True,
+              spread_kernel: bool = True) -> None:
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
     paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
     gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
     gemv.FFN_NORM_IN_WO, gemv.EARLY_EPILOGUE = ffn_norm_in_wo, early_epilogue
     paged_attention.DECODE_WARPS = warps
+    paged_attention.KV_BEFORE_WAIT = kv_before_wait
+    gemv.CONFIGS[(32000, 4096)] = output_tile
+    llm_engine._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
+    cuda_graphs.SPREAD_KERNEL = spread_kernel
 
 
 def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
@@ -100,6 +121,9 @@ def throughput(engine: LLMEngine, requests: int, prompt: int, new: int, vocab: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (Triton's interpreter)")
+    p.add_argument("--focus", action="store_true",
+                   help="only the newest switches: at batch 1 each off and all off between two shipped runs; "
+                        "at 256 requests PyTorch's argmax and shipped alternating twice")
     a = p.parse_args()
     if a.tiny:  # the interpreter runs the kernels; one-row float32 projections take the GEMV as on a GPU
         plain = gemv.takes_kernel
@@ -119,15 +143,23 @@ def main() -> None:
                    attention="triton")
 
     first = None
-    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16)
-    for label, kw in [("shipped", {}), ("no PDL", dict(pdl=False)),
+    kv_after = ("split keys/values loaded after PDL's wait", dict(kv_before_wait=False))
+    step_ends = dict(output_tile=(4, 1024, 8, 3), argmax_kernel=False, spread_kernel=False)
+    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16, kv_before_wait=False, **step_ends)
+    newest = [("the output's tile before its norm fold", dict(output_tile=(4, 1024, 8, 3))),
+              ("PyTorch's argmax", dict(argmax_kernel=False)), ("graph inputs by five copies", dict(spread_kernel=False)),
+              ("the step's ends as before (all three)", step_ends)]
+    variants = [("shipped", {}), *newest, ("shipped", {})] if a.focus else [
+                      ("shipped", {}), ("no PDL", dict(pdl=False)), kv_after, *newest,
+                      ("shipped", {}), ("no PDL", dict(pdl=False)), newest,
                       ("wo's epilogue loads after its loop", dict(early_epilogue=False)),
                       ("the norm before w13 a kernel", dict(ffn_norm_in_wo=False)),
                       ("all norms apart", dict(fold_norms=False)),
                       ("SwiGLU's product in w2's GEMV", dict(swiglu_epilogue=False)),
                       ("16 key splits", dict(splits=16)),
                       ("the kernels of two sessions ago", previous),
-                      ("... and a separate rotary-store kernel", dict(previous, rope_in_gemv=False))]:
+                      ("... and a separate rotary-store kernel", dict(previous, rope_in_gemv=False))]
+    for label, kw in variants:
         configure(**kw)
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, **options))
         decode(engine, warm, 32)
@@ -141,12 +173,15 @@ def main() -> None:
         del engine
         gc.collect()
 
-    for label, warps in [("1 warp (shipped)", 1), ("2 warps", 2)]:
-        configure(warps=warps)
+    wide = [("shipped", {}), ("PyTorch's argmax", dict(argmax_kernel=False))] * (2 if a.focus else 1)
+    if not a.focus:
+        wide.append(("2 warps a decode tile", dict(warps=2)))
+    for label, kw in wide:
+        configure(**kw)
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options))
         throughput(engine, requests, prompt, 8, args.vocab_size, seed=1)
         rates = [throughput(engine, requests, prompt, new, args.vocab_size, seed=s) for s in (2, 3)]
-        print(f"{requests} requests, decode attention tiles with {label:18s} {max(rates):9,.0f} output tok/s "
+        print(f"{requests} requests, {label:40s} {max(rates):9,.0f} output tok/s "
               f"(runs {', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
         del engine
         gc.collect()

@@ -10,8 +10,8 @@ can have: splits past a sequence's keys end at once.
 
 A step's inputs go to the GPU as one copy: the host writes each row's token, position, slot, key count and
 block table (padding rows included) into a pinned buffer, one host-to-device copy moves rows 0 .. b - 1 to a
-static device buffer, and the graph's first kernels spread its columns into the model's inputs (they were ~8
-copies and conversions before each replay). Under torch.profiler the GPU sat idle ~130 us a batch-1 step
+static device buffer, and the graph's first kernel spreads its columns into the model's inputs (they were ~8
+copies and conversions before each replay, then five kernels in the graph). Under torch.profiler the GPU sat idle ~130 us a batch-1 step
 between those copies; without the profiler the rate did not move (H200: 265.7 -> 266.0 tok/s), the host
 being ~3 ms ahead, so this is one copy instead of eight, not a speed-up.
 """
@@ -28,6 +28,8 @@ from mistral7b.cache.paged import (KernelLaunch, KernelMetadata, PagedKVCache, P
 from mistral7b.model.transformer import Transformer
 
 STAGED = 4  # columns of a staged row before its block table
+# The staged rows spread by one kernel (kernels/graph_inputs.py); False: five PyTorch copies (to measure).
+SPREAD_KERNEL = True
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -74,11 +76,17 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         rows = self.inputs[:b]
-        self.tokens[0, :b] = rows[:, 0]
-        self.positions[0, :b] = rows[:, 1]
-        self.slots[:b] = rows[:, 2]
-        self.seq_lens[:b] = rows[:, 3]
-        self.block_tables[:b] = rows[:, STAGED:]
+        if SPREAD_KERNEL:
+            from mistral7b.kernels.graph_inputs import spread_inputs
+
+            spread_inputs(rows, self.tokens[0, :b], self.positions[0, :b], self.slots[:b], self.seq_lens[:b],
+                          self.block_tables[:b], STAGED)
+        else:
+            self.tokens[0, :b] = rows[:, 0]
+            self.positions[0, :b] = rows[:, 1]
+            self.slots[:b] = rows[:, 2]
+            self.seq_lens[:b] = rows[:, 3]
+            self.block_tables[:b] = rows[:, STAGED:]
         return self.model(self.tokens[:, :b], self.positions[:, :b], self.cache, logits_index=self.logits_index[:b],
                           meta=self._meta(b))
 

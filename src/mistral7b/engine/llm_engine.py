@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistral7b import kernels
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
 from mistral7b.cache.upload import upload
@@ -69,6 +70,15 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return logits[rows[0] : rows[0] + len(rows)]
     return logits.index_select(0, upload(rows, logits.device, torch.long))
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab].argmax(-1): on a GPU through kernels/argmax (a third of PyTorch's time at batch 1)."""
+    if logits.device.type == "cuda" and kernels.available():
+        from mistral7b.kernels.argmax import greedy_picks
+
+        return greedy_picks(logits)
+    return logits.argmax(-1)
 
 
 @dataclass
@@ -262,7 +272,7 @@ class LLMEngine:
 
     def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor) -> PendingStep:
         """Greedy picks of logits [n, vocab] on the device, and their copy to the host, without waiting."""
-        tokens = logits.argmax(-1)
+        tokens = _greedy(logits)
         logprobs = None
         if any(seq.params.logprobs for seq in seqs):
             logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
@@ -315,7 +325,7 @@ class LLMEngine:
         plain = [i for i, (seq, _) in enumerate(ready) if self._plain(seq)]
         if plain:
             rows = _rows(logits, [ready[i][1] for i in plain])
-            tokens = rows.argmax(-1)
+            tokens = _greedy(rows)
             logprobs = None
             if any(ready[i][0].params.logprobs for i in plain):
                 logprobs = rows.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()

@@ -45,13 +45,15 @@ from mistral7b.kernels.paged_attention import tl, triton  # None without Triton:
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) per (N, K): the fastest of a sweep on an H200 for Mistral 7B's
 # projections (bench/README.md), still the fastest in the engine with the folds above (17 other tilings of
-# w2, w13, wqkv, wo and the output: 224.5-259.3 tok/s against 259.4); other shapes take DEFAULT.
+# w2, w13, wqkv, wo and the output: 224.5-259.3 tok/s against 259.4); other shapes take DEFAULT. The output's
+# was swept again with the final norm folded in, whose h and w_norm every program loads: 4-row programs spent
+# half their bytes on them (65.6 us alone on an H200); 8 rows and 4 warps: 61.6 us, the copy rate.
 CONFIGS = {
     (6144, 4096): (16, 512, 8, 4),  # wqkv
     (4096, 4096): (8, 512, 8, 4),  # wo
     (28672, 4096): (16, 256, 4, 3),  # w13
     (4096, 14336): (4, 512, 8, 4),  # w2
-    (32000, 4096): (4, 1024, 8, 3),  # output
+    (32000, 4096): (8, 1024, 4, 3),  # output, with the final norm folded in (below)
 }
 DEFAULT = (8, 512, 4, 3)
 # One-token steps (model/transformer.py, Transformer._forward_one_token): FOLD_NORMS folds the RMSNorm before

@@ -15,7 +15,9 @@ key blocks that need no mask (inside every row's window and causal range) withou
 The launch is fixed-shape given (tiles, splits), so a decode step can be captured in a CUDA graph: nothing
 here reads a value back to the host. With programmatic dependent launch (one-token steps, kernels/pdl.py) the
 step's metadata is read before the wait for the kernel before (batch 1 on an H200: 8.4 -> 7.7 us a layer,
-259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise).
+259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise), and a
+split's first key block of earlier steps is loaded before it too: only this step's kernels write the new
+tokens' rows, which are loaded again after the wait (KV_BEFORE_WAIT; same-process A/B 265.8 -> 268.5 tok/s).
 `reference_paged_attention` is the same computation in PyTorch, the oracle of the tests (which also run the
 kernel itself under TRITON_INTERPRET=1 on a CPU).
 """
@@ -52,21 +54,19 @@ if triton is not None:
     from mistral7b.kernels.pdl import after_previous
 
     @triton.jit
-    def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
-                     stride_bt, stride_kh, stride_kb, stride_ks, scale_log2,
-                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
-                     PRECISION: tl.constexpr, V_EARLY: tl.constexpr = False):
-        """One block of BLOCK_N keys from `start` into the running (acc, max, sum); scores in base 2. With
-        V_EARLY the values are loaded with the keys (a split of one or two blocks: no loop to pipeline them)."""
+    def _kv_rows(start, hi, seq, kvh, block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """Pool offsets of the BLOCK_N keys from `start` (through the block table), their positions, and which
+        are below `hi`."""
         k_pos = start + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, D)
         k_ok = k_pos < hi
         block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
-        kv_rows = kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks
-        k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        if V_EARLY:
-            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        return kvh * stride_kh + block.to(tl.int64) * stride_kb + (k_pos % BLOCK_SIZE) * stride_ks, k_pos, k_ok
+
+    @triton.jit
+    def _softmax_step(s, m_i, l_i, k_pos, k_ok, q_pos, window, MASKED: tl.constexpr):
+        """Scores s (base 2) of one key block into the running max and sum: (probabilities, the factor that
+        rescales the accumulator, new max, new sum)."""
         if MASKED:
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             if window > 0:
@@ -75,7 +75,23 @@ if triton is not None:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr, block_tables_ptr,
+                     stride_bt, stride_kh, stride_kb, stride_ks, scale_log2,
+                     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr,
+                     PRECISION: tl.constexpr, V_EARLY: tl.constexpr = False):
+        """One block of BLOCK_N keys from `start` into the running (acc, max, sum); scores in base 2. With
+        V_EARLY the values are loaded with the keys (a split of one or two blocks: no loop to pipeline them)."""
+        kv_rows, k_pos, k_ok = _kv_rows(start, hi, seq, kvh, block_tables_ptr, stride_bt, stride_kh, stride_kb,
+                                        stride_ks, BLOCK_N, BLOCK_SIZE)
+        d = tl.arange(0, D)
+        k = tl.load(k_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        if V_EARLY:
+            v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, k_pos, k_ok, q_pos, window, MASKED)
         if not V_EARLY:
             v = tl.load(v_ptr + kv_rows[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -89,7 +105,7 @@ if triton is not None:
         stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_bt, stride_ot, stride_oh,
         G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        PRECISION: tl.constexpr, PDL: tl.constexpr, V_EARLY: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr, V_EARLY: tl.constexpr, KV_EARLY: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -101,17 +117,6 @@ if triton is not None:
         q_begin = tl.load(query_start_ptr + seq)
         n_q = tl.load(query_start_ptr + seq + 1) - q_begin
         seq_len = tl.load(seq_lens_ptr + seq)  # keys = positions 0 .. seq_len - 1, the new tokens last
-        after_previous(PDL)
-
-        rows = tl.arange(0, BLOCK_Q * G_PAD)
-        qi = q0 + rows // G_PAD
-        g = rows % G_PAD
-        row_ok = (qi < n_q) & (g < G)
-        q_pos = seq_len - n_q + qi
-        d = tl.arange(0, D)
-        q_rows = (q_begin + qi) * stride_qt + (kvh * G + g) * stride_qh
-        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-
         first_pos = seq_len - n_q + q0
         last_pos = tl.minimum(first_pos + BLOCK_Q - 1, seq_len - 1)
         lo = first_pos * 0
@@ -125,6 +130,25 @@ if triton is not None:
             lo_s = lo + split * per * BLOCK_N
             hi = tl.minimum(hi, lo_s + per * BLOCK_N)
             lo = lo_s
+        d = tl.arange(0, D)
+        if KV_EARLY:
+            # The first key block's keys and values of earlier steps, before the wait: only this step's
+            # kernels write the new tokens' rows, and the kernels of the step before have all finished (at
+            # least one kernel of every step, as the embedding lookup, launches without PDL).
+            kv0, k_pos0, k_ok0 = _kv_rows(lo, hi, seq, kvh, block_tables_ptr, stride_bt, stride_kh, stride_kb,
+                                          stride_ks, BLOCK_N, BLOCK_SIZE)
+            old = k_ok0 & (k_pos0 < seq_len - n_q)
+            k0 = tl.load(k_ptr + kv0[:, None] + d[None, :], mask=old[:, None], other=0.0)
+            v0 = tl.load(v_ptr + kv0[:, None] + d[None, :], mask=old[:, None], other=0.0)
+        after_previous(PDL)
+
+        rows = tl.arange(0, BLOCK_Q * G_PAD)
+        qi = q0 + rows // G_PAD
+        g = rows % G_PAD
+        row_ok = (qi < n_q) & (g < G)
+        q_pos = seq_len - n_q + qi
+        q_rows = (q_begin + qi) * stride_qt + (kvh * G + g) * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
 
         m_i = tl.full([BLOCK_Q * G_PAD], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_Q * G_PAD], dtype=tl.float32)
@@ -149,6 +173,17 @@ if triton is not None:
                 acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
                                              block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
                                              scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION)
+        elif KV_EARLY:
+            new = k_ok0 & (k_pos0 >= seq_len - n_q)
+            k0 = tl.where(new[:, None], tl.load(k_ptr + kv0[:, None] + d[None, :], mask=new[:, None], other=0.0), k0)
+            v0 = tl.where(new[:, None], tl.load(v_ptr + kv0[:, None] + d[None, :], mask=new[:, None], other=0.0), v0)
+            s = tl.dot(q, tl.trans(k0), input_precision=PRECISION) * scale_log2
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, k_pos0, k_ok0, q_pos, window, True)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PRECISION)
+            for start in range(lo + BLOCK_N, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
+                                             block_tables_ptr, stride_bt, stride_kh, stride_kb, stride_ks,
+                                             scale_log2, BLOCK_N, BLOCK_SIZE, D, True, PRECISION, V_EARLY)
         else:
             for start in range(lo, hi, BLOCK_N):
                 acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, start, q_pos, hi, window, seq, kvh, k_ptr, v_ptr,
@@ -197,6 +232,8 @@ def _warps(rows: int, num_splits: int) -> int:
 
 DECODE_WARPS = 1
 SPLIT_WARPS = 2
+# Split launches load their first key block's keys and values of earlier steps before PDL's wait.
+KV_BEFORE_WAIT = True
 
 
 def paged_attention(
@@ -254,6 +291,7 @@ def paged_attention(
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
         V_EARLY=num_splits > 1,  # a split's one or two key blocks: no loop to pipeline their values
+        KV_EARLY=num_splits > 1 and KV_BEFORE_WAIT,
         num_warps=num_warps or _warps(block_q * g_pad, num_splits), num_stages=num_stages, **pdl.options(q.device, N),
     )
     if num_splits > 1:

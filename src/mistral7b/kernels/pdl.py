@@ -4,8 +4,10 @@ A batch-1 decode step of a 7B model is ~200 kernels back to back in a CUDA graph
 next kernel's launch and the previous one's last wave draining, a few microseconds each. With PDL the next
 kernel is launched as soon as every program of the current one has passed `gdc_launch_dependents` (at their
 start), and it runs `gdc_wait` (griddepcontrol.wait: the previous kernel has completed and its writes are
-visible) before it reads or writes anything a kernel before it touches; only loads of weights (never
-written) may come first. So any kernel still sees every earlier kernel's writes, as in plain stream order.
+visible) before it reads or writes anything a kernel before it touches. Only loads of what no kernel of the
+step writes may come first: weights, the step's metadata (written before its first kernel), and cache rows of
+earlier steps (every step has a kernel launched without PDL, such as the embedding lookup, so the steps before
+have finished). So any kernel still sees every earlier kernel's writes, as in plain stream order.
 
 `enabled(device, rows)` says whether to launch with it: a step of at most MAX_ROWS token rows, CUDA compute
 capability 9+, a Triton that has the instructions, and MISTRAL7B_PDL not set to 0 (to measure without it).
@@ -37,7 +39,7 @@ if triton is not None:
     @triton.jit
     def after_previous(PDL: tl.constexpr):
         """A kernel's first step with PDL: let the next kernel launch, then wait until the one before has
-        finished and its writes are visible. Only loads of weights may come before it."""
+        finished and its writes are visible. Only loads of what no kernel of the step writes may come before it."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
