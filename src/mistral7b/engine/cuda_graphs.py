@@ -11,9 +11,10 @@ can have: splits past a sequence's keys end at once.
 A step's inputs go to the GPU as one copy: the host writes each row's token, position, slot, key count and
 block table (padding rows included) into a pinned buffer, one host-to-device copy moves rows 0 .. b - 1 to a
 static device buffer, and the graph's first kernel spreads its columns into the model's inputs (they were ~8
-copies and conversions before each replay, then five kernels in the graph). Under torch.profiler the GPU sat idle ~130 us a batch-1 step
-between those copies; without the profiler the rate did not move (H200: 265.7 -> 266.0 tok/s), the host
-being ~3 ms ahead, so this is one copy instead of eight, not a speed-up.
+copies and conversions before each replay, then five kernels in the graph). Under torch.profiler the GPU sat
+idle ~130 us a batch-1 step between those copies; without the profiler the rate did not move (H200: 265.7 ->
+266.0 tok/s), the host being ~3 ms ahead, so this is one copy instead of eight, not a speed-up. The one
+spread kernel instead of five saved ~0.1% (bench/README.md, seventh session).
 """
 
 from __future__ import annotations
