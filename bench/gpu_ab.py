@@ -9,15 +9,17 @@ same minute (machines differ by a few percent in their ceilings, so comparisons 
   (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
   (kernels/gemv.SWIGLU_EPILOGUE); a split's first key block of earlier steps loaded before or after PDL's wait
   (kernels/paged_attention.KV_BEFORE_WAIT); the output's tile swept with its norm fold or the one before
-  (kernels/gemv.CONFIGS); greedy picks by our argmax kernel or PyTorch's (kernels/argmax.py); the decode graph's
-  inputs spread by one kernel or five copies (engine/cuda_graphs.SPREAD_KERNEL); up to 32 or 16 key splits
+  (kernels/gemv.CONFIGS); greedy picks by our argmax kernel or PyTorch's (kernels/argmax.py); the decode graph
+  reading its inputs from pinned memory and making the picks itself, or a copy in and the argmax and a copy
+  out around it (engine/cuda_graphs.ZERO_COPY); up to 32 or 16 key splits
   (cache/paged.MAX_SPLITS); RoPE + k/v store in wqkv's GEMV or in the separate rotary-store kernel
   (cache/paged.PagedKVCache.attend_qkv); and the kernels of two sessions ago (norms apart, SwiGLU in w2,
-  16 splits, and this session's four switches off). The tokens of each variant are compared with the first's (PDL
+  16 splits, and the last two sessions' step-end changes off). The tokens of each variant are compared with the first's (PDL
   must not change one; the others may flip bf16 near-ties on random weights);
-- 256 requests of 512 in / 256 out: PyTorch's argmax, and unsplit decode attention tiles with 2 warps
-  rather than 1 (kernels/paged_attention.DECODE_WARPS).
---focus runs only this session's switches.
+- 256 requests of 512 in / 256 out: the copies and picks around the graph (ZERO_COPY off), also with
+  PyTorch's argmax, and unsplit decode attention tiles with 2 warps rather than 1
+  (kernels/paged_attention.DECODE_WARPS).
+--focus runs only this session's switch (ZERO_COPY), alternated with shipped.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 3 minutes on an H200; no checkpoint is written)
 CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
@@ -73,7 +75,7 @@ def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
 def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
               ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1,
               kv_before_wait: bool = True, output_tile: tuple[int, ...] = OUTPUT_TILE, argmax_kernel: bool = True,
-              spread_kernel: bool = True) -> None:
+              zero_copy: bool = True) -> None:
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
     paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
     gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
@@ -82,7 +84,7 @@ def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = Tr
     paged_attention.KV_BEFORE_WAIT = kv_before_wait
     gemv.CONFIGS[(32000, 4096)] = output_tile
     llm_engine._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
-    cuda_graphs.SPREAD_KERNEL = spread_kernel
+    cuda_graphs.ZERO_COPY = zero_copy
 
 
 def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
@@ -122,8 +124,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (Triton's interpreter)")
     p.add_argument("--focus", action="store_true",
-                   help="only the newest switches: at batch 1 each off and all off between two shipped runs; "
-                        "at 256 requests PyTorch's argmax and shipped alternating twice")
+                   help="only the newest switch, alternated with shipped, at batch 1 and at 256 requests; "
+                        "the copies and picks around the graph (ZERO_COPY off)")
     a = p.parse_args()
     if a.tiny:  # the interpreter runs the kernels; one-row float32 projections take the GEMV as on a GPU
         plain = gemv.takes_kernel
@@ -144,12 +146,10 @@ def main() -> None:
 
     first = None
     kv_after = ("split keys/values loaded after PDL's wait", dict(kv_before_wait=False))
-    step_ends = dict(output_tile=OUTPUT_TILE_BEFORE, argmax_kernel=False, spread_kernel=False)
-    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16, kv_before_wait=False, **step_ends)
-    newest = [("the output's tile before its norm fold", dict(output_tile=OUTPUT_TILE_BEFORE)),
-              ("PyTorch's argmax", dict(argmax_kernel=False)),
-              ("graph inputs by five copies", dict(spread_kernel=False)),
-              ("the step's ends as before (all three)", step_ends)]
+    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16, kv_before_wait=False,
+                    output_tile=OUTPUT_TILE_BEFORE, argmax_kernel=False, zero_copy=False)
+    newest = [("inputs copied in, picks made after the graph", dict(zero_copy=False)),
+              ("shipped", {}), ("inputs copied in, picks made after the graph", dict(zero_copy=False))]
     variants = [("shipped", {}), *newest, ("shipped", {})] if a.focus else [
                       ("shipped", {}), ("no PDL", dict(pdl=False)), kv_after, *newest,
                       ("wo's epilogue loads after its loop", dict(early_epilogue=False)),
@@ -167,21 +167,22 @@ def main() -> None:
         tokens = runs[-1][1]
         first = first or tokens
         same = next((i for i, (x, y) in enumerate(zip(tokens, first)) if x != y), len(tokens))
-        print(f"batch 1, {label:40s} {max(r for r, _ in runs):7.1f} tok/s "
+        print(f"batch 1, {label:46s} {max(r for r, _ in runs):7.1f} tok/s "
               f"(runs {', '.join(f'{r:.1f}' for r, _ in runs)}); tokens equal to the first variant's: "
               f"{same}/{len(tokens)}", flush=True)
         del engine
         gc.collect()
 
-    wide = [("shipped", {}), ("PyTorch's argmax", dict(argmax_kernel=False))] * (2 if a.focus else 1)
+    copied = ("inputs copied in, picks after the graph", dict(zero_copy=False))
+    wide = [("shipped", {}), copied] * (2 if a.focus else 1)
     if not a.focus:
-        wide.append(("2 warps a decode tile", dict(warps=2)))
+        wide += [("... and PyTorch's argmax", dict(argmax_kernel=False, zero_copy=False)), ("2 warps a decode tile", dict(warps=2))]
     for label, kw in wide:
         configure(**kw)
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options))
         throughput(engine, requests, prompt, 8, args.vocab_size, seed=1)
         rates = [throughput(engine, requests, prompt, new, args.vocab_size, seed=s) for s in (2, 3)]
-        print(f"{requests} requests, {label:40s} {max(rates):9,.0f} output tok/s "
+        print(f"{requests} requests, {label:46s} {max(rates):9,.0f} output tok/s "
               f"(runs {', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
         del engine
         gc.collect()

@@ -9,8 +9,11 @@ model as gpu_ab.py under torch.profiler and prints, from the trace's GPU events:
 - everything between the output projection's end and the next step's first layer kernel (memory copies,
   the graph's input kernels, the embedding lookup, the pick of the token), with idle gaps.
 The profiler slows the host, so idle gaps the GPU shows here may not exist without it; kernel times hold.
+So it then times, without the profiler, the batch-1 graph replayed back to back (no copies; the picks made in
+the graph as shipped, engine/cuda_graphs.ZERO_COPY; with --copies, the path before: the argmax kernel after
+each replay, timed too), and the engine's own steps: the differences are what the step's ends cost in a real run.
 
-Usage (GPU): PYTHONPATH=src python bench/gpu_timeline.py [--steps 64]   (about a minute on an H200)
+Usage (GPU): PYTHONPATH=src python bench/gpu_timeline.py [--steps 64] [--copies]   (about a minute on an H200)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_ab import random_model  # noqa: E402
 
 from mistral7b.config import ModelArgs  # noqa: E402
+from mistral7b.engine import cuda_graphs  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -98,10 +103,51 @@ def report(events: list[dict], n_layers: int) -> None:
     print(f"output projection end -> next step's first layer kernel start (median): {statistics.median(totals):.1f} us")
 
 
+def step_ends(engine: LLMEngine, ids: list[int], steps: int) -> None:
+    """Period of a batch-1 step without the profiler: the graph alone, + the argmax kernel, the engine's step."""
+    from mistral7b.engine.llm_engine import _greedy
+
+    engine.add_request("ends", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
+    for _ in range(8):  # pre-fill and the first decode steps: the graph's inputs now hold a decode step's
+        engine.step()
+    graph, logits = engine.runner.graphs.graphs[1]
+
+    def period(one_step) -> float:
+        best = float("inf")
+        for _ in range(3):
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                one_step()
+            stop.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(stop) * 1e3 / steps)
+        return best
+
+    lines = [("graph replays back to back", period(graph.replay))]
+    if not engine.runner.graphs.zero_copy:
+        lines.append(("... + the argmax kernel", period(lambda: (graph.replay(), _greedy(logits)))))
+    torch.cuda.synchronize()
+    engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    real = (time.perf_counter() - t0) * 1e6 / steps
+    while engine.has_unfinished():
+        engine.step()
+    print("\nwithout the profiler, a batch-1 step (best of 3 x %d):" % steps)
+    for label, us in (*lines, ("the engine's steps (copies, pick, host)", real)):
+        print(f"  {label:45s} {us:8.1f} us = {1e6 / us:6.1f} tok/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--copies", action="store_true", help="the step's ends before: inputs copied in, picks after")
     a = p.parse_args()
+    cuda_graphs.ZERO_COPY = not a.copies
     args = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                      norm_eps=1e-5, vocab_size=32000, rope_theta=10000.0, sliding_window=4096)
     model = random_model(args, "cuda", torch.bfloat16)
@@ -109,6 +155,7 @@ def main() -> None:
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, max_model_len=1280, chunk_size=2048,
                                                  max_num_batched_tokens=8192, attention="triton"))
     report(gpu_events(engine, ids, a.steps), args.n_layers)
+    step_ends(engine, ids, 4 * a.steps)
 
 
 if __name__ == "__main__":

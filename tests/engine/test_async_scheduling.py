@@ -6,6 +6,7 @@ commits stay exact; every block returns to the pool."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.sampling_params import SamplingParams
@@ -33,7 +34,7 @@ def test_mixed_lengths_equal_core_path_and_steps_ran_ahead(model):
     params = [greedy(n) for n in (3 * W, 2, W + 3, 2 * W)]
     launched = []
     real_launch = e._launch_picks
-    e._launch_picks = lambda seqs, logits: launched.append(len(seqs)) or real_launch(seqs, logits)
+    e._launch_picks = lambda seqs, *a: launched.append(len(seqs)) or real_launch(seqs, *a)
     out = run(e, prompts, params)
     assert_equal_to_core_path(model, prompts, params, out)
     assert len(launched) > 2 * W  # decode steps went through the async path
@@ -94,7 +95,6 @@ def test_on_the_kernel_path(model):
 
     if not kernels.available():
         pytest.skip("triton is not installed")
-    import torch
 
     fused = fuse_projections(copy.deepcopy(model).to("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = make_prompts([2, W + 3], seed=21)
@@ -103,12 +103,67 @@ def test_on_the_kernel_path(model):
     assert_equal_to_core_path(model, prompts, params, out)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="decode graphs need a GPU")
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_decode_graphs_feed_their_picks_back(model, monkeypatch, zero_copy):
+    """On a GPU: decode graphs that read their inputs from pinned memory and make the greedy picks themselves
+    (zero copy), or that take a copy of the inputs and leave the picks to the engine; sequences that finish
+    early make the next step's tokens a subset of the picks."""
+    import copy
+
+    from mistral7b.engine import cuda_graphs
+    from mistral7b.model.fuse import fuse_projections
+
+    monkeypatch.setattr(cuda_graphs, "ZERO_COPY", zero_copy)
+    fused = fuse_projections(copy.deepcopy(model).to("cuda"))
+    e = engine(fused, attention="triton", max_num_seqs=4)
+    made = []
+    real_launch = e._launch_picks
+    e._launch_picks = lambda *a: made.append(e.runner.picks is not None) or real_launch(*a)
+    prompts = make_prompts([2, W + 3, 5, 1], seed=22)
+    params = [greedy(3 * W + 2), greedy(5), greedy(W), greedy(2 * W)]
+    out = run(e, prompts, params)
+    assert_equal_to_core_path(model, prompts, params, out)
+    assert e.runner.graph_steps > 3 * W and any(made) == zero_copy
+    assert e.blocks.usage == 0.0 and e._pending is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="decode graphs need a GPU")
+def test_no_garbage_collection_while_capturing(model):
+    """Collections are held off while the decode graphs are captured (a collection there frees older engines'
+    pinned buffers and graphs, which invalidates the capture): garbage collected at every chance otherwise."""
+    import copy
+    import gc
+
+    from mistral7b.model.fuse import fuse_projections
+
+    fused = fuse_projections(copy.deepcopy(model).to("cuda"))
+    during = []
+
+    def watch(phase, info):
+        if phase == "start":
+            during.append(torch.cuda.is_current_stream_capturing())
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(watch)
+    try:
+        gc.set_threshold(1)
+        e = engine(fused, attention="triton", max_num_seqs=8)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(watch)
+    assert e.runner.graphs is not None and len(e.runner.graphs.graphs) == 4  # buckets 1, 2, 4, 8
+    assert during.count(False) > 10 and not any(during)
+    out = run(e, make_prompts([3], seed=2), [greedy(4)])
+    assert_equal_to_core_path(model, make_prompts([3], seed=2), [greedy(4)], out)
+
+
 def test_default_is_on_only_with_cuda_graphs(model):
     """async_scheduling=None (the default) runs ahead only where decode steps replay CUDA graphs: on a CPU every
     step is read back before the next; a value other than true/false/None is refused."""
     e = engine(model, async_scheduling=None)
     launched = []
-    e._launch_picks = lambda seqs, logits: launched.append(len(seqs))
+    e._launch_picks = lambda seqs, *a: launched.append(len(seqs))
     out = run(e, make_prompts([3, W + 2], seed=4), [greedy(W), greedy(W)])
     assert launched == [] and all(len(out[i][0][0]) == W for i in out)
     with pytest.raises(RequestError, match="async_scheduling must be true or false"):

@@ -1,6 +1,6 @@
 """The greedy-pick kernel (kernels/argmax.py) against torch.argmax, through Triton's interpreter on a CPU (the
 compiled kernel on a GPU): rows shorter and longer than a chunk, ties within and across chunks, rows of -inf,
-NaN, rows with a stride, and the dispatch."""
+NaN, rows with a stride, the picks also written to a mirror at the turn read on the device, and the dispatch."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def test_nan_wins_strided_rows_and_no_rows(small_chunks):
     got = argmax_rows(rows).cpu()
     assert got[1] == 150 and torch.equal(got, wide[:, :180].argmax(-1))
     assert argmax_rows(torch.zeros(0, 10, device=DEVICE)).shape == (0,)
+
+
+@pytest.mark.parametrize("turn", [0, 1])
+def test_given_output_and_mirror_at_the_turn(turn):
+    from mistral7b.kernels.argmax import argmax_rows
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(turn)).to(DEVICE)
+    out = torch.full((5,), -1, dtype=torch.long, device=DEVICE)
+    mirror = torch.full((2, 5), -1, dtype=torch.long)
+    if DEVICE == "cuda":
+        mirror = mirror.pin_memory()  # written by the kernel over the bus
+    got = argmax_rows(logits, out[:3], mirror, torch.tensor([turn], dtype=torch.int32, device=DEVICE))
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    want = logits.argmax(-1).cpu()
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out[:3].cpu(), want) and out[3:].tolist() == [-1, -1]
+    assert torch.equal(mirror[turn, :3], want) and mirror[turn, 3:].tolist() == [-1, -1]
+    assert (mirror[1 - turn] == -1).all()
 
 
 def test_dispatch_takes_the_kernel_only_on_cuda(monkeypatch):

@@ -241,7 +241,8 @@ class LLMEngine:
             if seq.num_computed == seq.num_tokens:
                 ready.append((seq, first + len(inp.want) - 1))
         if self._may_overlap(inputs, ready):
-            self._pending = self._launch_picks([seq for seq, _ in ready], _rows(logits, [row for _, row in ready]))
+            self._pending = self._launch_picks([seq for seq, _ in ready], _rows(logits, [row for _, row in ready]),
+                                               [row for _, row in ready])
             return self._advance()
         events: list[StreamEvent] = []
         for (seq, _), sample in zip(ready, self._choose(ready, logits)):
@@ -270,16 +271,22 @@ class LLMEngine:
                 and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and self._plain(inp.seq)
                         for inp in inputs))
 
-    def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor) -> PendingStep:
-        """Greedy picks of logits [n, vocab] on the device, and their copy to the host, without waiting."""
-        tokens = _greedy(logits)
+    def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> PendingStep:
+        """Greedy picks of logits [n, vocab] (the step's rows `rows`) on the device, and their copy to the host,
+        without waiting; a decode graph has made both already when it made all of its rows."""
+        picks = self.runner.picks
+        graph_made = picks is not None and rows == list(range(len(picks.tokens)))
+        tokens = picks.tokens if graph_made else _greedy(logits)
         logprobs = None
         if any(seq.params.logprobs for seq in seqs):
             logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
         if tokens.device.type != "cuda":
             return PendingStep(seqs, tokens, tokens, logprobs, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        if graph_made:
+            host = picks.host
+        else:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
         host_lp = None
         if logprobs is not None:
             host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
@@ -302,7 +309,7 @@ class LLMEngine:
                                            tokens=tokens)
             for seq in seqs:
                 seq.num_computed += 1  # its input token reaches the host below, with the pending step's picks
-            ahead = self._launch_picks(seqs, _rows(logits, rows))
+            ahead = self._launch_picks(seqs, _rows(logits, rows), rows)
         if pending.done is not None:
             pending.done.synchronize()
         tokens_host = pending.host.tolist()

@@ -16,7 +16,7 @@ import torch
 from mistral7b.cache.paged import PagedKVCache, Span
 from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
-from mistral7b.engine.cuda_graphs import DecodeGraphs
+from mistral7b.engine.cuda_graphs import DecodeGraphs, GraphPicks
 from mistral7b.engine.sequence import Sequence
 from mistral7b.model.transformer import Transformer
 
@@ -46,6 +46,7 @@ class ModelRunner:
         self.model, self.cache, self.graphs, self.channel = model, cache, graphs, channel
         self.device = cache.device
         self.graph_steps = 0  # steps replayed from a CUDA graph
+        self.picks: GraphPicks | None = None  # the greedy picks of the last step's rows, when its graph made them
 
     def run(self, steps: Seq[StepInput], new_blocks: Seq[int],
             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -68,9 +69,11 @@ class ModelRunner:
         prefills = [i for i in range(len(spans)) if spans[i].n > 1]
         order = decodes + prefills
         on_device = isinstance(plan.tokens, torch.Tensor)
+        self.picks = None
         if self.graphs is not None and not prefills and self.graphs.fits(len(spans)):
             self.cache.zero_blocks(plan.new_blocks)
             logits = self.graphs.run(spans, plan.tokens if on_device else [t[0] for t in plan.tokens])
+            self.picks = self.graphs.last_picks
             self.graph_steps += 1
             return logits, list(range(len(spans)))
         meta = self.cache.plan([spans[i] for i in decodes], [spans[i] for i in prefills])

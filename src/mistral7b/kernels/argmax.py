@@ -6,6 +6,9 @@ H200 and 12.5 us in a batch-1 step (a third of a layer's attention). One program
 in one go and reduces it in registers: 2.9 us (bench/README.md). Rows longer than CHUNK are walked in
 chunks of CHUNK. Ties go to the lowest index, as in torch.argmax; a NaN counts as +inf (torch.argmax picks the
 NaN even over an earlier +inf: a row of broken logits either way).
+
+A decode graph also has each pick written to `mirror[turn[0]]`, pinned host memory it fills in turns: the
+host reads the picks there with no copy after the replay (engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ CHUNK = 32768  # 32 values a thread at 16 warps: the row in registers (a module 
 if triton is not None:
 
     @triton.jit
-    def _argmax_kernel(x_ptr, out_ptr, V, stride, BLOCK: tl.constexpr):
+    def _argmax_kernel(x_ptr, out_ptr, mirror_ptr, turn_ptr, V, stride, stride_turn, BLOCK: tl.constexpr,
+                       MIRROR: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         best = tl.full([], float("-inf"), tl.float32)
@@ -34,6 +38,8 @@ if triton is not None:
             best_i = tl.where(take, i, best_i)
             best = tl.where(take, m, best)
         tl.store(out_ptr + row, best_i)
+        if MIRROR:
+            tl.store(mirror_ptr + tl.load(turn_ptr).to(tl.int64) * stride_turn + row, best_i)
 
 
 def greedy_picks(logits: torch.Tensor) -> torch.Tensor:
@@ -44,13 +50,21 @@ def greedy_picks(logits: torch.Tensor) -> torch.Tensor:
     return argmax_rows(logits)
 
 
-def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """The kernel itself (rows contiguous): logits [n, V] -> [n] int64."""
+def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None, mirror: torch.Tensor | None = None,
+                turn: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel itself (rows contiguous): logits [n, V] -> `out` [n] int64 (new if None); with `mirror`
+    [turns, >= n] int64 (pinned) and `turn` [1] int32 on the device, also into mirror[turn[0], :n]."""
     n, V = logits.shape
     assert logits.stride(-1) == 1
-    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    if out is None:
+        out = torch.empty(n, dtype=torch.long, device=logits.device)
+    assert out.dtype == torch.long and out.shape == (n,) and out.stride(0) == 1
     if n == 0:
         return out
+    if mirror is not None:
+        assert turn is not None and turn.dtype == torch.int32 and mirror.dtype == torch.long
+        assert mirror.shape[1] >= n and mirror.stride(1) == 1
     block = min(triton.next_power_of_2(V), CHUNK)
-    _argmax_kernel[(n,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=16 if n < 64 else 8)
+    _argmax_kernel[(n,)](logits, out, mirror, turn, V, logits.stride(0), 0 if mirror is None else mirror.stride(0),
+                         BLOCK=block, MIRROR=mirror is not None, num_warps=16 if n < 64 else 8)
     return out
