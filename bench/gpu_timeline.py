@@ -104,7 +104,8 @@ def report(events: list[dict], n_layers: int) -> None:
 
 
 def step_ends(engine: LLMEngine, ids: list[int], steps: int) -> None:
-    """Period of a batch-1 step without the profiler: the graph alone, + the argmax kernel, the engine's step."""
+    """Period of a batch-1 step without the profiler: the graph alone (+ the argmax kernel after it on the path
+    with copies), and the engine's own step."""
     from mistral7b.engine.llm_engine import _greedy
 
     engine.add_request("ends", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
@@ -138,7 +139,7 @@ def step_ends(engine: LLMEngine, ids: list[int], steps: int) -> None:
     while engine.has_unfinished():
         engine.step()
     print("\nwithout the profiler, a batch-1 step (best of 3 x %d):" % steps)
-    for label, us in (*lines, ("the engine's steps (copies, pick, host)", real)):
+    for label, us in (*lines, ("the engine's steps (with the host's work)", real)):
         print(f"  {label:45s} {us:8.1f} us = {1e6 / us:6.1f} tok/s")
 
 

@@ -165,7 +165,6 @@ class DecodeGraphs:
             self.inputs[0, :b].copy_(self.staging[turn, :b], non_blocking=True)
         graph, logits = self.graphs[b]
         graph.replay()
-        self.done[turn] = torch.cuda.Event()
         self.done[turn].record()
         self.last_picks = GraphPicks(self.picks[:n], self.host_picks[turn, :n]) if self.zero_copy else None
         return logits[:n]
