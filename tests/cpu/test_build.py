@@ -1,7 +1,10 @@
-"""Building and loading the CPU extension (mistral7b/cpu/build.py, cpu/__init__.py), and the engine's fallback
-to its PyTorch ops when there is none."""
+"""Building and loading the CPU extension (mistral7b/cpu/build.py, cpu/__init__.py): one build per CPU capability
+this machine can run, the one for the capability in use loaded, and the engine's fallback to its PyTorch ops when
+there is none."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -30,7 +33,7 @@ def test_no_library_falls_back_with_one_notice(fresh_load, monkeypatch, tmp_path
     assert tiny_cache().native is None
     assert tiny_cache().native is None
     err = capsys.readouterr().err
-    assert err.count("no CPU extension built") == 1 and err.count("\n") == 1
+    assert err.count("no CPU extension built for") == 1 and err.count("\n") == 1
 
 
 def test_switched_off_by_the_environment(fresh_load, monkeypatch, capsys):
@@ -39,14 +42,39 @@ def test_switched_off_by_the_environment(fresh_load, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_used_only_where_it_gives_the_same_bits(fresh_load):
-    # float32 caches keep MKL's matmuls (their summation order is not the extension's), and attention="torch"
-    # means the PyTorch ops
-    if cpu.load(notice=False) is None:
+def test_used_for_float32_and_for_exact_bf16(fresh_load):
+    # float32 pools on every build; bf16 pools where the build reproduces oneDNN's bits (AVX-512); and
+    # attention="torch" means the PyTorch ops
+    ops = cpu.load(notice=False)
+    if ops is None:
         pytest.skip("CPU extension not built")
-    assert tiny_cache().native is not None
-    assert tiny_cache(torch.float32).native is None
+    assert tiny_cache(torch.float32).native is ops
+    assert (tiny_cache().native is not None) == ops.EXACT_BF16_ATTENTION
     assert tiny_cache(attention="torch").native is None
+
+
+def test_every_capability_this_cpu_runs_is_built():
+    """scripts/setup.sh builds one library per capability (tests/cpu/test_capabilities.py runs each); a build
+    that failed to compile is a failure here, not a skip elsewhere."""
+    if os.environ.get("MISTRAL7B_CPU_EXTENSION") == "0":
+        pytest.skip("extension switched off")
+    missing = [cap for cap in build.runnable_capabilities() if not build.library_path(cap).exists()]
+    assert not missing, f"no build for {missing}: run python -m mistral7b.cpu.build"
+    assert "DEFAULT" in build.runnable_capabilities()
+
+
+def test_loads_the_build_of_the_capability_in_use(fresh_load):
+    ops = cpu.load(notice=False)
+    if ops is None:
+        pytest.skip("CPU extension not built")
+    assert ops.CAPABILITY == build.capability() == torch.backends.cpu.get_cpu_capability()
+    assert ops.__file__ == str(build.library_path())
+
+
+def test_a_capability_the_cpu_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setattr(build, "runnable_capabilities", lambda: ["DEFAULT"])
+    with pytest.raises(RuntimeError, match="cannot run a AVX2 build"):
+        build.build("AVX2")
 
 
 def test_no_compiler_is_not_an_error(monkeypatch, tmp_path, capsys):
@@ -54,14 +82,17 @@ def test_no_compiler_is_not_an_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         build.build()
-    assert build.main() == 0
+    assert build.main([]) == 0
     assert "not built" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_library_name_follows_the_source(monkeypatch, tmp_path):
-    before = build.library_path()
-    source = tmp_path / "ops.cpp"
-    source.write_text(build.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(build, "SOURCE", source)
-    assert build.library_path() != before
+def test_library_name_follows_the_sources(monkeypatch, tmp_path):
+    before = {cap: build.library_path(cap) for cap in build.CAPABILITY_FLAGS}
+    assert len(set(before.values())) == len(before)  # one name per capability
+    for name in (*build.SOURCES, *build.HEADERS):
+        (tmp_path / name).write_text((build.HERE / name).read_text())
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    assert build.library_path("AVX2") == before["AVX2"]
+    (tmp_path / "quant.cpp").write_text((tmp_path / "quant.cpp").read_text() + "\n// changed\n")
+    assert build.library_path("AVX2") != before["AVX2"]

@@ -14,47 +14,74 @@ from mistral7b.loading import open_checkpoint, save_gguf
 from mistral7b.loading.gguf_blocks import read_blocks
 from mistral7b.model.build import build_model
 from mistral7b.model.fuse import fuse_projections
-from mistral7b.model.quantize import INT4_DENSE_MIN_ROWS, INT8_DENSE_MIN_ROWS, Int4Linear, Int8Linear
+from mistral7b.model.quantize import (INT4_DENSE_MIN_ROWS, INT8_DENSE_MIN_ROWS, Int4Linear, Int8Linear, pack_int4,
+                                      unpack_int4)
 from bench.heldout import heldout_text
 from tests.conftest import hf_model, rel_err, smollm2_path, tiny_args
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_gguf_q4_blocks_run_exactly_in_the_int4_kernel(kind):
-    """Oracle: gguf's own dequantization of the same bytes, then a float matmul."""
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_run_exactly_in_the_quantized_layers(kind):
+    """Oracle: gguf's own dequantization of the same bytes. The layers hold the file's weights exactly (their
+    dequantized floats are gguf-py's), and multiply them within the int16 rounding of the activations."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).numpy()
     qtype = gguf.GGMLQuantizationType[kind]
     raw = gguf.quants.quantize(w, qtype)
     reference = torch.from_numpy(gguf.quants.dequantize(raw, qtype).copy())
     blocks = read_blocks(raw, kind, 64, 128)
     assert torch.equal(blocks.dequantize(), reference)
-    layer = Int4Linear(blocks.values.int() + 8, blocks.scales, blocks.zeros, 32, torch.float32)
+    if kind == "Q8_0":
+        layer = Int8Linear(blocks.values, blocks.scales)
+    else:
+        layer = Int4Linear(blocks.values, blocks.scales, blocks.zeros, 32, torch.float32)
+    assert torch.equal(layer.dequantize(), reference)
     x = torch.randn(5, 128)
-    assert rel_err(layer(x), F.linear(x, reference)) < 1e-5
+    assert rel_err(layer(x), F.linear(x, reference)) < 1e-4
+    x = torch.randn(INT4_DENSE_MIN_ROWS, 128)  # the dense path: the reference's own arithmetic
+    assert torch.equal(layer(x), F.linear(x, reference))
+
+
+def test_int4_layout_is_ours():
+    """pack_int4's layout (the CPU kernels read it as 16-bit words): per block of 32, word j holds weights j,
+    j + 8, j + 16, j + 24 from its lowest nibble up; unpack_int4 inverts it."""
+    q = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
+    words = packed.view(3, 2, 8, 2).to(torch.int32)
+    words = words[..., 0] | words[..., 1] << 8
+    for block in range(2):
+        for j in range(8):
+            for i in range(4):
+                assert ((words[:, block, j] >> (4 * i)) & 15 == q[:, 32 * block + 8 * i + j]).all()
+    assert torch.equal(unpack_int4(packed), q)
 
 
 def test_int8_and_int4_from_float_approximate_the_matmul():
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1))
     x = torch.randn(3, 7, 256)
     exact = F.linear(x, w)
-    int8, int4 = Int8Linear.from_float(w, torch.float32), Int4Linear.from_float(w, 32, torch.float32)
+    int8, int4 = Int8Linear.from_float(w), Int4Linear.from_float(w, 32, torch.float32)
     assert int8(x).shape == exact.shape == int4(x).shape
     assert rel_err(int8(x), exact) < 0.02
     assert rel_err(int4(x), exact) < 0.15
-    assert rel_err(int8(x), F.linear(x, int8.dequantize())) < 1e-5
+    assert rel_err(int8(x), F.linear(x, int8.dequantize())) < 1e-4
+    assert rel_err(int4(x), F.linear(x, int4.dequantize())) < 1e-4
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_packed_and_dense_paths_agree(cls):
-    """Few rows run the packed kernel, many rows dequantize and run a dense matmul: the same numbers."""
+    """Few rows run the packed kernel, many rows dequantize and run a dense matmul: the same numbers, on every
+    CPU capability (tests/cpu/test_capabilities.py runs this file under each). The dense path reading weights in
+    another layout than they were stored in (PyTorch's int4 packing depends on the capability) fails here."""
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2))
-    layer = cls.from_float(w, torch.float32) if cls is Int8Linear else cls.from_float(w, 32, torch.float32)
+    layer = cls.from_float(w) if cls is Int8Linear else cls.from_float(w, 32, torch.float32)
     threshold = INT8_DENSE_MIN_ROWS if cls is Int8Linear else INT4_DENSE_MIN_ROWS
     x = torch.randn(threshold + 5, 256, generator=torch.Generator().manual_seed(3))
     dense = layer(x)  # one call over many rows: the dense path
     packed = torch.cat([layer(x[i : i + 4]) for i in range(0, len(x), 4)])  # 4 rows at a time: packed
-    assert rel_err(packed, dense) < 1e-5
-    assert rel_err(dense, F.linear(x, layer.dequantize())) < 1e-5
+    assert rel_err(packed, dense) < 1e-4
+    assert torch.equal(dense, F.linear(x, layer.dequantize()))
+    assert rel_err(dense, F.linear(x, w)) < (0.02 if cls is Int8Linear else 0.15)
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +96,23 @@ def tiny_files(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("kind,tol", [("Q4_0", 1e-4), ("Q4_1", 1e-4), ("Q8_0", 3e-2)])
-def test_auto_mode_follows_the_gguf_file(tiny_files, kind, tol):
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_auto_mode_follows_the_gguf_file(tiny_files, kind):
+    """The file's blocks used as stored: a pre-fill's many rows (the dense path) give the dequantized float32
+    model's logits bit for bit; a few rows (the packed kernels, activations rounded to int16 per block) within
+    5e-4 of the largest logit (1-2e-4 seen: ~1.5e-5 a matmul, 14 of them)."""
     ckpt = open_checkpoint(str(tiny_files / f"{kind}.gguf"))
     reference = build_model(ckpt, torch.float32, progress=False)  # dequantized to float
     packed = build_model(ckpt, torch.float32, progress=False, quantize="auto")
     layer_type = Int4Linear if kind.startswith("Q4") else Int8Linear
     assert isinstance(packed.layers[0].attention.wq, layer_type)
-    tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
-    pos = torch.arange(20).expand(2, 20)
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        assert rel_err(packed(tokens, pos), reference(tokens, pos)) < tol
+        tokens = torch.randint(0, 96, (2, 30), generator=g)  # 60 rows: dense
+        pos = torch.arange(30).expand(2, 30)
+        assert torch.equal(packed(tokens, pos), reference(tokens, pos))
+        tokens, pos = tokens[:, :20], pos[:, :20]  # 40 rows: packed
+        assert rel_err(packed(tokens, pos), reference(tokens, pos)) < 5e-4
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])

@@ -8,8 +8,8 @@ chunks). Each layer writes the step's keys/values to their slots (`slot_mapping`
 then attends group by group: all decode rows in one call, each pre-fill chunk in its own. A group gathers the
 live blocks of its rows (at most about W / B + 2 with a window) and masks them by absolute position with the
 one window rule (model/attention.py), so a sequence attends to exactly what it would attend to alone. Where the
-CPU extension is built (mistral7b/cpu), bf16 decode rows are not gathered: it reads the blocks in place and
-rounds exactly as the gathers and matmuls do.
+CPU extension is built (mistral7b/cpu), decode rows are not gathered: it reads the blocks in place, for float32
+pools in float32 and for bf16 pools (AVX-512 builds) rounding exactly as the gathers and matmuls do.
 
 On a GPU (or with attention="triton") the same step is planned for the Triton kernel instead
 (kernels/paged_attention.py): block tables, key counts and query offsets per sequence, one launch for the
@@ -67,7 +67,8 @@ class AttentionGroup:
 
 @dataclass
 class NativeDecode:
-    """Decode rows for the CPU extension's attention (mistral7b/cpu/ops.cpp), which reads the pool in place."""
+    """Decode rows for the CPU extension's attention (mistral7b/cpu/attention.cpp), which reads the pool in
+    place."""
 
     block_tables: torch.Tensor  # [rows, longest] int32, 0-padded
     first_blocks: torch.Tensor  # [rows] int32: each row's first live logical block
@@ -148,12 +149,13 @@ class PagedKVCache:
             raise ValueError("attention='triton' needs the triton package")
         self.use_kernel = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
                                                     and kernels.available())
-        self.native = None  # the CPU extension, for bf16 decode rows (same bits as the PyTorch path)
-        if (attention == "auto" and self.device.type == "cpu" and dtype == torch.bfloat16 and block_size % 2 == 0
-                and args.head_dim % 64 == 0 and args.n_heads // args.n_kv_heads <= 8):  # the shapes it sums as
-            from mistral7b import cpu  # oneDNN does (keys paired from the row's first block)
+        self.native = None  # the CPU extension's decode attention and rotary store (mistral7b/cpu)
+        if attention == "auto" and self.device.type == "cpu" and self._native_shapes(args, block_size, dtype):
+            from mistral7b import cpu
 
-            self.native = cpu.load()
+            ops = cpu.load()
+            if ops is not None and (dtype == torch.float32 or ops.EXACT_BF16_ATTENTION):
+                self.native = ops
         if self.use_kernel:  # imported here: Triton's import is slow and the CPU path never needs it
             from mistral7b.kernels import gemv, paged_attention
             from mistral7b.kernels.rotary_store import rotary_store
@@ -172,6 +174,16 @@ class PagedKVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(args.n_layers)]
         self._zero([0])  # the null block: tables pad with it, and keys the mask drops still meet their values
+
+    @staticmethod
+    def _native_shapes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> bool:
+        """Shapes the extension's decode attention takes: float32 pools with a head_dim of whole vectors; bf16
+        ones where its sums follow oneDNN's (keys paired from the row's first block, head_dim 64 or 128 with up
+        to 8 query heads a kv head), as it must to give the PyTorch path's bits."""
+        if dtype == torch.float32:
+            return args.head_dim % 16 == 0
+        return (dtype == torch.bfloat16 and block_size % 2 == 0 and args.head_dim % 64 == 0
+                and args.n_heads // args.n_kv_heads <= 8)
 
     @staticmethod
     def block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
@@ -320,7 +332,7 @@ class PagedKVCache:
 
     def attend_rotary(self, layer: int, qkv: torch.Tensor, freqs: torch.Tensor, meta: PagedMetadata) -> torch.Tensor:
         """`attend` for the fused projection's heads qkv [1, N, H + 2 H_kv, D] before RoPE, on a CPU with the
-        extension (`self.native`, bfloat16): one call rotates q and k (apply_rotary's bits) and stores k and v,
+        extension (`self.native`): one call rotates q and k (apply_rotary's bits) and stores k and v,
         where apply_rotary, the split and two index copies dispatch ~20 ops."""
         q = self.native.rotate_store(qkv[0].contiguous(), torch.view_as_real(freqs).reshape(qkv.shape[1], -1, 2),
                                      self.k[layer], self.v[layer], meta.slot_mapping, self.n_heads)

@@ -1,8 +1,10 @@
-"""CPU kernels for decoding, as a C++ extension (ops.cpp) built ahead of time by scripts/setup.sh
-(`python -m mistral7b.cpu.build`), never on a command's path to its first token.
+"""CPU kernels as a C++ extension (*.cpp here), built ahead of time by scripts/setup.sh for every CPU capability
+the machine can run (`python -m mistral7b.cpu.build`), never on a command's path to its first token.
 
-`load()` returns the built module, or None with a one-line notice on stderr (once a process) when there is
-none for this torch, Python and CPU: the engine then decodes with the PyTorch path, which gives the same bits.
+`load()` returns the build for the capability PyTorch dispatches to in this process (build.capability()), or
+None with a one-line notice on stderr (once a process) when there is none: the engine then runs its PyTorch
+ops. What a build offers: float32 and bfloat16 fused ops and int4/int8 matmuls everywhere; bfloat16 decode
+attention with the PyTorch path's exact bits only where it is `EXACT_BF16_ATTENTION` (AVX-512 builds).
 MISTRAL7B_CPU_EXTENSION=0 turns it off (for A/B timing).
 """
 
@@ -13,6 +15,8 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+
+import torch
 
 _loaded: ModuleType | None = None
 _tried = False
@@ -25,13 +29,13 @@ def load(notice: bool = True) -> ModuleType | None:
     _tried = True
     if os.environ.get("MISTRAL7B_CPU_EXTENSION", "1") == "0":
         return None
-    from mistral7b.cpu.build import MODULE, library_path
+    from mistral7b.cpu.build import MODULE, capability, library_path
 
     path = library_path()
-    if path is None or not path.exists():
+    if not path.exists():
         if notice:
-            print("mistral7b: no CPU extension built (python -m mistral7b.cpu.build); decoding with PyTorch ops",
-                  file=sys.stderr)
+            print(f"mistral7b: no CPU extension built for {capability()} (python -m mistral7b.cpu.build); "
+                  "running PyTorch ops", file=sys.stderr)
         return None
     loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
     spec = importlib.util.spec_from_file_location(MODULE, path, loader=loader)
@@ -40,3 +44,11 @@ def load(notice: bool = True) -> ModuleType | None:
     loader.exec_module(module)
     _loaded = module
     return module
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively in the capability PyTorch uses now: AVX-512 with its BF16
+    extension or AMX. Elsewhere bfloat16 is emulated (slower than float32 on AVX2) and oneDNN's bf16 rounding is
+    not the one the extension's exact attention reproduces, so the engine computes in float32 there."""
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))

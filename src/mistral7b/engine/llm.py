@@ -48,13 +48,15 @@ def checkpoint_tokenizer(checkpoint: Checkpoint) -> Tokenizer | None:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
-    """"auto": bfloat16 on GPUs, and on CPUs with bf16 support for quantized models (the packed CPU kernels
-    are fast only with bf16 activations); float32 otherwise (the exact reference path)."""
+    """"auto": bfloat16 on GPUs, and for quantized models on CPUs that compute in bfloat16 natively (AVX-512 BF16
+    or AMX, in the capability PyTorch uses: cpu.native_bfloat16), where pre-fill runs ~2x faster than in float32;
+    float32 otherwise: the exact reference path, and on AVX2 CPUs the fast one (bfloat16 is emulated there)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda" or (quantized and torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        from mistral7b import cpu
+
+        if device.type == "cuda" or (quantized and cpu.native_bfloat16()):
             return torch.bfloat16
         return torch.float32
     try:

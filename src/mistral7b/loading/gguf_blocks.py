@@ -3,8 +3,9 @@
 A block covers 32 weights of one row. Q8_0: an f16 scale d and 32 int8 values, w = d * q. Q4_0 / Q4_1: an
 f16 scale d (Q4_1 adds an f16 minimum m) then 16 bytes whose low nibbles are weights 0..15 and high nibbles
 weights 16..31; w = d * (q - 8) and w = d * q + m. All three are w = value * scale + zero with a small integer
-value: the form of PyTorch's int4 kernel (Q4) and of a quantized embedding lookup, so the file's weights can
-be used exactly instead of being dequantized to float at load.
+value (Q4_0: q * d - 8 d, the same float as d * (q - 8) since q * d and 8 d are exact), the form of our int4
+layer (model/quantize.py) and of a quantized embedding lookup, so the file's weights can be used exactly
+instead of being dequantized to float at load.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ PACKABLE = frozenset(_BLOCK_BYTES)
 class GGUFBlocks:
     """A GGUF block-quantized matrix: w = values * scales + zeros, per block of 32 along a row.
 
-    values [N, K] int8 (Q4: q - 8 in -8..7; Q8_0: -128..127), scales and zeros [N, K / 32] float32.
+    values [N, K] int8 (Q4: q in 0..15; Q8_0: -128..127), scales and zeros [N, K / 32] float32 (Q4_0: zero =
+    -8 d; Q4_1: zero = m; Q8_0: 0).
     """
 
     kind: str
@@ -48,15 +50,15 @@ def read_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> GGUFBlocks:
     nbytes = _BLOCK_BYTES[kind]
     blocks = np.ascontiguousarray(raw).reshape(rows, cols // BLOCK, nbytes)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    zeros = np.zeros_like(d)
     if kind == "Q8_0":
+        zeros = np.zeros_like(d)
         values = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
     else:
+        zeros = -8.0 * d  # Q4_0
         start = 2
         if kind == "Q4_1":
-            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            zeros = m + 8.0 * d
+            zeros = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
             start = 4
         qs = blocks[..., start:]
-        values = (np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols).astype(np.int8) - 8)
+        values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols).astype(np.int8)
     return GGUFBlocks(kind, torch.from_numpy(values), torch.from_numpy(d), torch.from_numpy(zeros))

@@ -9,9 +9,9 @@ Quantization (`quantize`):
 - "int8" / "int4": the linear layers become weight-only int8 / int4 (groups of 32) modules; the output layer
   stays int8 in int4 mode (as llama.cpp keeps it wider); the embedding table is stored as int8 blocks
   (tied embeddings: the output layer's int8 rows serve the lookup too).
-- "auto": follow a GGUF file tensor by tensor: Q4_0/Q4_1 layers are used packed and exactly as int4, other
-  quantized types become int8 (per output channel), float tensors stay float; a Q8_0/Q4 embedding table is
-  kept exactly as it is stored. For other formats "auto" means None.
+- "auto": follow a GGUF file tensor by tensor: Q4_0/Q4_1 layers are used packed and exactly as int4, Q8_0 as
+  int8 (its own blocks, exactly), other quantized types are re-quantized to int8 (blocks of 32), float tensors
+  stay float; a Q8_0/Q4 embedding table is kept exactly as it is stored. For other formats "auto" means None.
 """
 
 from __future__ import annotations
@@ -100,9 +100,8 @@ def build_model(
             if isinstance(model.output, Int8Linear) and args.tied_embeddings:
                 # Tied: the lookup reads the output layer's int8 rows (one copy of the table, not two).
                 out = model.output
-                model.tok_embeddings = QuantizedEmbedding(out.weight_int8, out.scales.float()[:, None],
-                                                          torch.zeros_like(out.scales, dtype=torch.float32)[:, None],
-                                                          dtype)
+                scales = out.scales.float()
+                model.tok_embeddings = QuantizedEmbedding(out.weight_int8, scales, torch.zeros_like(scales), dtype)
             else:
                 model.tok_embeddings = _quantized_embedding(tensor, dtype, device)
         else:
@@ -121,10 +120,11 @@ def build_model(
 
 def _quantized_linear(tensor: torch.Tensor | GGUFBlocks, mode: str, dtype: torch.dtype, device) -> nn.Module:
     if mode == "int4" and isinstance(tensor, GGUFBlocks) and tensor.kind in ("Q4_0", "Q4_1"):
-        q = (tensor.values.to(torch.int32) + 8).to(device)
-        return Int4Linear(q, tensor.scales.to(device), tensor.zeros.to(device), 32, dtype)
+        return Int4Linear(tensor.values.to(device), tensor.scales.to(device), tensor.zeros.to(device), 32, dtype)
     if mode == "int8" and isinstance(tensor, GGUFBlocks):
-        return Int8Linear.from_rows(tensor.shape[0], lambda lo, hi: tensor.dequantize(lo, hi).to(device), dtype)
+        if tensor.kind == "Q8_0":  # the file's own blocks, exactly
+            return Int8Linear(tensor.values.to(device), tensor.scales.to(device))
+        return Int8Linear.from_rows(tensor.shape[0], lambda lo, hi: tensor.dequantize(lo, hi).to(device))
     weight = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
     return quantize_linear(weight.to(device), mode, dtype)
 

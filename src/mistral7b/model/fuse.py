@@ -26,16 +26,10 @@ def _stack(modules: list[nn.Module]) -> nn.Module | None:
     if kinds == {Int8Linear}:
         return Int8Linear(torch.cat([m.weight_int8 for m in modules]), torch.cat([m.scales for m in modules]))
     if kinds == {Int4Linear} and len({m.group_size for m in modules}) == 1:
-        if modules[0].weight_int4.device.type != "cpu" or any(m.out_features % 64 for m in modules):
-            return None  # packed layouts are tiled across rows (64 on CPU): only whole tiles stack by rows
-        fused = Int4Linear.__new__(Int4Linear)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.group_size = modules[0].in_features, modules[0].group_size
-        fused.out_features = sum(m.out_features for m in modules)
-        fused.register_buffer("weight_int4", torch.cat([m.weight_int4 for m in modules]))
-        fused.register_buffer("weight_nibbles", None)  # whole CPU tiles: read back from the packed layout
-        fused.register_buffer("scales_and_zeros", torch.cat([m.scales_and_zeros for m in modules], dim=1))
-        return fused
+        # Our layout is row by row, so rows stack (on a GPU PyTorch's packing is rebuilt from them).
+        dtype = modules[0].scales_and_zeros.dtype if modules[0].scales_and_zeros is not None else torch.float32
+        return Int4Linear.from_packed(torch.cat([m.qweight for m in modules]), torch.cat([m.scales for m in modules]),
+                                      torch.cat([m.mins for m in modules]), modules[0].group_size, dtype)
     return None
 
 

@@ -1,23 +1,28 @@
-"""Weight-only quantized linear layers on PyTorch's packed int8/int4 matmul kernels.
+"""Weight-only quantized linear layers: int8 per output channel, int4 in groups, in layouts this project owns.
 
 Decoding one token reads every weight once, so on a CPU (and a GPU at batch 1) its speed is set by weight
 bytes: int8 halves bf16 and int4 quarters it. Activations stay in float; only weights are quantized.
-The packed kernels cost about the same per input row whatever the row count; a dense bf16 matmul
-(AMX/AVX512-BF16) costs far less per row but needs the weight dequantized first, which costs as much as a few
-dozen packed rows for int8 and a couple of hundred for int4 (unpacking nibbles). So a batch of decodes
-(a few to a few dozen rows) uses the packed kernel and a pre-fill chunk dequantizes on the fly and calls
-F.linear; the row counts where the two meet were measured on a 2-core AVX-512 machine (bench/README.md).
-The CPU kernels are fast only with bfloat16 activations: quantized models compute in bfloat16 by default.
 
-- `Int8Linear`: symmetric per-output-channel int8, `torch._weight_int8pack_mm`.
-- `Int4Linear`: asymmetric int4 in groups along the input dimension, dequantized as
-  w = (q - 8) * scale + zero, which is exactly how GGUF's Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale)
-  blocks of 32 decode, so those files load into it without any re-quantization error.
+On a CPU the extension (mistral7b/cpu, built for the capability PyTorch dispatches to) multiplies a few rows of
+activations (a decode step) by the packed weights directly, and many rows (a pre-fill chunk) dequantize the
+weight and run a dense matmul, the float reference's own arithmetic; the row counts where the two meet were
+measured on a 2-core machine (bench/README.md). The int4 layout is ours, not PyTorch's packed one: PyTorch packs
+int4 weights differently for each CPU capability it dispatches to (reading its AVX-512 layout back on an AVX2
+machine gave garbage), and its AVX2 int4 kernel with float32 activations is ~28x slower than ours. Without the
+extension (no compiler, another architecture) every call dequantizes in PyTorch ops: correct, slow for
+decoding, so `quantize="auto"` loads such files in float there (model/build.py). On a GPU, PyTorch's int4 kernel
+runs on its own packing, kept beside ours.
+
+- `Int8Linear`: symmetric int8 per block of 32 along the input dimension (GGUF's Q8_0): w = q * scale.
+- `Int4Linear`: q in 0..15 in groups along the input dimension: w = q * scale + min, in float32, which is exactly
+  how GGUF's Q4_1 (min = m) and Q4_0 (min = -8 d) blocks of 32 decode: those files load into it without any
+  re-quantization error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -25,116 +30,174 @@ from torch import nn
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT8_DENSE_MIN_ROWS = 48  # from this many input rows on, dequantize and use a dense matmul
-INT4_DENSE_MIN_ROWS = 192
+INT4_DENSE_MIN_ROWS = 48
+GPU_INT4_DENSE_MIN_ROWS = 192  # PyTorch's CUDA int4 kernel against dequantizing
+
+
+def cpu_ops() -> ModuleType | None:
+    """The CPU extension for this process's CPU capability, or None (then PyTorch ops)."""
+    from mistral7b import cpu
+
+    return cpu.load(notice=False)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] (values 0..15, K a multiple of 32) -> uint8 [N, K / 2] in the extension's layout: per block of 32,
+    8 little-endian 16-bit words, word j holding weights j, j + 8, j + 16, j + 24 from its lowest nibble up."""
+    N, K = q.shape
+    b = q.reshape(N, K // 32, 4, 8).to(torch.int32)
+    words = b[:, :, 0] | b[:, :, 1] << 4 | b[:, :, 2] << 8 | b[:, :, 3] << 12  # [N, blocks, 8]
+    return torch.stack([words & 255, words >> 8], dim=-1).to(torch.uint8).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: q [N, K] uint8."""
+    N = packed.shape[0]
+    pairs = packed.reshape(N, -1, 8, 2).to(torch.int32)
+    words = pairs[..., 0] | pairs[..., 1] << 8  # [N, blocks, 8]
+    nibbles = torch.stack([(words >> (4 * i)) & 15 for i in range(4)], dim=2)  # [N, blocks, 4, 8]
+    return nibbles.reshape(N, -1).to(torch.uint8)
 
 
 class Int8Linear(nn.Module):
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
+        """weight_int8 [N, K] int8; scales [N, K // block] (stored as float16, GGUF Q8_0's own precision):
+        w = q * scale of its block. Blocks of 32 (Q8_0's) run in the CPU extension; a single block a row
+        (in_features not a multiple of 32) is per output channel."""
         super().__init__()
-        self.in_features, self.out_features = weight_int8.shape[1], weight_int8.shape[0]
-        self.register_buffer("weight_int8", weight_int8)
-        self.register_buffer("scales", scales)
+        N, K = weight_int8.shape
+        if scales.dim() == 1:
+            scales = scales[:, None]
+        if scales.shape[0] != N or K % scales.shape[1]:
+            raise ValueError(f"int8 scales must be [{N}, blocks] with blocks dividing {K}")
+        self.in_features, self.out_features, self.block = K, N, K // scales.shape[1]
+        self.register_buffer("weight_int8", weight_int8.contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
-        return cls.from_rows(weight.shape[0], lambda lo, hi: weight[lo:hi], dtype)
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Linear:
+        return cls.from_rows(weight.shape[0], lambda lo, hi: weight[lo:hi])
 
     @classmethod
-    def from_rows(cls, n_rows: int, rows: Callable[[int, int], torch.Tensor], dtype: torch.dtype,
+    def from_rows(cls, n_rows: int, rows: Callable[[int, int], torch.Tensor], dtype: torch.dtype | None = None,
                   chunk: int = 4096) -> Int8Linear:
-        """Quantize a weight given by row ranges, a chunk at a time, so no full-size float temporary exists."""
+        """Symmetric int8 per block of 32 (Q8_0's scheme; the whole row where in_features is not a multiple of 32):
+        scale = max |w| / 127, rounded to float16 before q is chosen for it. The weight is given by row ranges
+        and quantized a chunk at a time, so no full-size float temporary exists."""
         qs, all_scales = [], []
         for lo in range(0, n_rows, chunk):
             w = rows(lo, min(lo + chunk, n_rows)).float()
-            scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127.0
-            qs.append(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+            n, K = w.shape
+            block = 32 if K % 32 == 0 else K
+            w = w.reshape(n, K // block, block)
+            scales = (w.abs().amax(dim=-1) / 127.0).half().float()
+            q = torch.round(w / scales.clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+            qs.append(q.reshape(n, K))
             all_scales.append(scales)
-        return cls(torch.cat(qs), torch.cat(all_scales).to(dtype))
+        return cls(torch.cat(qs), torch.cat(all_scales))
 
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K = self.weight_int8.shape
+        w = self.weight_int8.reshape(N, -1, self.block).float() * self.scales.float()[..., None]
+        return w.reshape(N, K).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        buffers = self._buffers  # read once: nn.Module's __getattr__ costs ~0.5 us a buffer (see Int4Linear)
+        buffers = self._buffers  # read once: nn.Module's __getattr__ costs ~0.5 us a buffer
         weight, scales = buffers["weight_int8"], buffers["scales"]
-        if scales.dtype != x.dtype:
-            scales = scales.to(x.dtype)
-        if flat.shape[0] >= INT8_DENSE_MIN_ROWS:
-            return F.linear(x, weight.to(x.dtype) * scales[:, None])
-        out = torch._weight_int8pack_mm(flat, weight, scales)
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-TILE_ROWS = 64  # the CPU int4 layout: per tile of 64 rows, per column k, 32 bytes = rows (j, j + 32)
-
-
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack q [N, K] (int32 values 0..15) in the layout the device's int4 kernel wants."""
-    if q.device.type == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-    return torch.ops.aten._convert_weight_to_int4pack(pairs, 8)
+        if flat.shape[0] < INT8_DENSE_MIN_ROWS:
+            ops = cpu_ops() if x.is_cpu else None
+            if ops is not None and self.block == 32 and x.dtype in (torch.float32, torch.bfloat16):
+                return ops.int8_linear(flat.contiguous(), weight, scales).view(*x.shape[:-1], self.out_features)
+            if self.block == self.in_features:  # one scale a row: PyTorch's kernel (plain row order)
+                out = torch._weight_int8pack_mm(flat, weight, scales[:, 0].to(x.dtype))
+                return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype))
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  dtype: torch.dtype):
-        """q [N, K] integer values in 0..15; scales/zeros [N, K // group_size]."""
+        """q [N, K] integer values in 0..15; scales/mins [N, K // group_size] (stored as float16: GGUF's own
+        precision); w = q * scale + min. `dtype`: the activations' dtype (PyTorch's GPU kernel takes its scales
+        in it)."""
         super().__init__()
-        N, K = q.shape
+        self._set(pack_int4(q), scales, mins, group_size, dtype)
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> Int4Linear:
+        """From weights already in our layout (pack_int4's): e.g. the rows of several layers stacked."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set(qweight, scales, mins, group_size, dtype)
+        return layer
+
+    def _set(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+             dtype: torch.dtype) -> None:
+        N, K = qweight.shape[0], 2 * qweight.shape[1]
         if group_size not in INT4_GROUP_SIZES or K % group_size:
             raise ValueError(f"int4 needs in_features ({K}) to be a multiple of group size {group_size}")
+        if tuple(scales.shape) != (N, K // group_size) or tuple(mins.shape) != (N, K // group_size):
+            raise ValueError(f"int4 scales and mins must be [{N}, {K // group_size}]")
         self.in_features, self.out_features, self.group_size = K, N, group_size
-        self.register_buffer("weight_int4", _pack_int4(q))
-        # For the dense pre-fill path the weights are unpacked on the fly; where the packed layout cannot be
-        # read back (GPU, or rows not in whole CPU tiles) the nibbles are also kept in plain row order.
-        readable = q.device.type == "cpu" and N % TILE_ROWS == 0
-        self.register_buffer("weight_nibbles", None if readable else (q[:, 0::2] | q[:, 1::2] << 4).to(torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
-                             .contiguous().to(dtype))
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+        self.register_buffer("mins", mins.to(torch.float16).contiguous())
+        self.register_buffer("weight_int4", None)
+        self.register_buffer("scales_and_zeros", None)
+        if qweight.device.type == "cuda":  # PyTorch's int4 kernel: its own packing, w = (q - 8) * scale + zero
+            q = unpack_int4(qweight)
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.weight_int4 = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
+            s, m = self.scales.float(), self.mins.float()
+            self.scales_and_zeros = torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Linear:
+        """Asymmetric 4-bit: per group, min = the smallest weight and scale = range / 15, both rounded to float16
+        first so that q is chosen for the scale the kernel will use."""
         N, K = weight.shape
         w = weight.float().reshape(N, K // group_size, group_size)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scales = ((hi - lo) / 15.0).clamp(min=1e-10)
-        q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32).reshape(N, K)
-        return cls(q, scales, lo + 8.0 * scales, group_size, dtype)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()
+        mins = lo.half().float()
+        q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+        return cls(q, scales, mins, group_size, dtype)
 
     def values(self) -> torch.Tensor:
         """The 4-bit values q [N, K] (0..15) in natural order."""
-        N, K = self.out_features, self.in_features
-        if self.weight_nibbles is not None:
-            return _nibbles(self.weight_nibbles).reshape(N, K)
-        b = self.weight_int4.reshape(N // TILE_ROWS, K, TILE_ROWS // 2)
-        tiles = torch.cat([b & 15, b >> 4], dim=2)  # [tiles, K, 64]: low nibbles rows 0..31, high 32..63
-        return tiles.transpose(1, 2).reshape(N, K)
+        return unpack_int4(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weights: q * scale + min in float32 (exact: q * scale has at most 15 significant bits),
+        then rounded to `dtype`."""
+        if self.qweight.is_cpu and dtype in (torch.float32, torch.bfloat16):
+            ops = cpu_ops()
+            if ops is not None:
+                return ops.int4_dequantize(self.qweight, self.scales, self.mins, dtype)
         N, K, G = self.out_features, self.in_features, self.group_size
-        q = self.values().reshape(N, K // G, G).to(dtype) - 8
-        scales, zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)
-        return (q * scales[..., None] + zeros[..., None]).reshape(N, K)
+        q = self.values().reshape(N, K // G, G).float()
+        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        return w.reshape(N, K).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= INT4_DENSE_MIN_ROWS:
-            return F.linear(x, self.dequantize(x.dtype))
-        # Buffers read once from the dict: nn.Module's __getattr__ costs ~0.5 us a buffer on the 2-core dev
-        # machine, and a decoded token runs 120 of these (4 a layer) at ~20 us each.
-        buffers = self._buffers
-        sz = buffers["scales_and_zeros"]
-        if sz.dtype != x.dtype:
-            sz = sz.to(x.dtype)
-        matmul = torch.ops.aten._weight_int4pack_mm_for_cpu if x.is_cpu else torch.ops.aten._weight_int4pack_mm
-        out = matmul(flat, buffers["weight_int4"], self.group_size, sz)
-        return out.view(*x.shape[:-1], self.out_features)
+        rows = flat.shape[0]
+        buffers = self._buffers  # read once: nn.Module's __getattr__ costs ~0.5 us a buffer (120 calls a token)
+        if x.is_cpu:
+            if rows < INT4_DENSE_MIN_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+                ops = cpu_ops()
+                if ops is not None:
+                    out = ops.int4_linear(flat.contiguous(), buffers["qweight"], buffers["scales"], buffers["mins"])
+                    return out.view(*x.shape[:-1], self.out_features)
+        elif rows < GPU_INT4_DENSE_MIN_ROWS and buffers["weight_int4"] is not None:
+            sz = buffers["scales_and_zeros"]
+            if sz.dtype != x.dtype:
+                sz = sz.to(x.dtype)
+            out = torch.ops.aten._weight_int4pack_mm(flat, buffers["weight_int4"], self.group_size, sz)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype))
 
 
 class QuantizedEmbedding(nn.Module):

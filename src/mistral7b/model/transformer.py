@@ -182,8 +182,9 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
     def _cpu_extension(self, h: torch.Tensor) -> Any:
-        """The CPU extension (mistral7b/cpu) for bfloat16 inference on a CPU, where it is built; else None."""
-        if h.device.type != "cpu" or h.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        """The CPU extension (mistral7b/cpu) for float32 or bfloat16 inference on a CPU, where it is built; else
+        None."""
+        if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled():
             return None
         from mistral7b import cpu
 

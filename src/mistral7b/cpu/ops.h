@@ -1,0 +1,36 @@
+// Declarations shared by the extension's sources (mistral7b/cpu/*.cpp), built once per CPU capability
+// (build.py): CPU_CAPABILITY_AVX512, CPU_CAPABILITY_AVX2 or CPU_CAPABILITY_DEFAULT, with that capability's
+// compiler flags, so ATen's vector headers (at::vec) give the code libtorch runs for the same capability.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace mistral7b {
+
+using bf16 = c10::BFloat16;
+
+// attention.cpp
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& first_blocks,
+                            const at::Tensor& seq_lens, int64_t window, double scale);
+bool decode_attention_exact_bf16();  // whether bf16 pools take oneDNN's summation order (AVX-512 builds)
+
+// fused.cpp
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                                                const at::Tensor& weight, double eps);
+at::Tensor rotate_store(const at::Tensor& qkv, const at::Tensor& freqs, at::Tensor& k_cache, at::Tensor& v_cache,
+                        const at::Tensor& slots, int64_t n_heads);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
+// quant.cpp
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins);
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                           at::ScalarType dtype);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
+
+}  // namespace mistral7b
