@@ -51,25 +51,34 @@ def add_parallel_option(p: argparse.ArgumentParser) -> None:
                         "--nproc-per-node, else the N - 1 workers are started here")
 
 
-def _sampling_options(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
+MODEL_DEFAULT = "default: the model's, as above"
+
+
+def _sampling_options(p: argparse.ArgumentParser, temperature: float | None, max_tokens: int) -> None:
+    g = p.add_argument_group(
+        "sampling", "Options left out take the model's sampling defaults: its generation_config.json or GGUF "
+        "general.sampling.* keys where it has them, else llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, "
+        "min-p 0.05, repetition penalty 1).")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="0 = greedy (" + ("default: 0" if temperature == 0 else MODEL_DEFAULT) + ")")
+    g.add_argument("--top-p", type=float, default=None, help=MODEL_DEFAULT)
+    g.add_argument("--top-k", type=int, default=None, help=f"0 = off ({MODEL_DEFAULT})")
+    g.add_argument("--min-p", type=float, default=None, help=MODEL_DEFAULT)
+    g.add_argument("--repetition-penalty", type=float, default=None, help=MODEL_DEFAULT)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _sampling(a: argparse.Namespace, logprobs: bool = False):
+def _sampling(a: argparse.Namespace, llm: Any = None, logprobs: bool = False):
+    """The request's SamplingParams: the options given, the model's defaults for the rest (with `llm`; without,
+    neutral ones: to check the options before the model loads)."""
+    from mistral7b.engine.generation_config import SAMPLING_FIELDS
     from mistral7b.engine.sampling_params import SamplingParams
 
-    return SamplingParams(
-        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop, logprobs=logprobs,
-    )
+    fields = {name: getattr(a, name) for name in SAMPLING_FIELDS if getattr(a, name) is not None}
+    fields.update(max_tokens=a.max_tokens, seed=a.seed, stop=a.stop, logprobs=logprobs)
+    return llm.default_sampling_params(**fields) if llm is not None else SamplingParams(**fields)
 
 
 def _llm(a: argparse.Namespace, **extra: Any):
@@ -92,8 +101,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
             prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise RequestError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
-    params = _sampling(a, logprobs=a.json)
+    _sampling(a, logprobs=a.json)  # bad options fail before the model loads
     llm = _llm(a)
+    params = _sampling(a, llm, logprobs=a.json)
     if a.json:
         out = llm.generate(prompt, params)[0]
         c = out.outputs[0]
@@ -134,9 +144,10 @@ def _answer(llm, history: list[dict], a: argparse.Namespace, params, guard=None)
 def cmd_chat(a: argparse.Namespace) -> int:
     from mistral7b.moderation.chat import chat_guard
 
-    params = _sampling(a)
-    make_guard = chat_guard(a)  # --moderate options are checked before the model loads
+    _sampling(a)
+    make_guard = chat_guard(a)  # --moderate and sampling options are checked before the model loads
     llm = _llm(a)
+    params = _sampling(a, llm)
     guard = make_guard(llm) if make_guard else None
     start = [{"role": "system", "content": a.system}] if a.system else []
     history = list(start)
@@ -223,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a model (interactive, streaming)")
     _model_options(p)
     add_parallel_option(p)
-    _sampling_options(p, temperature=0.7, max_tokens=512)
+    _sampling_options(p, temperature=None, max_tokens=512)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--safe-prompt", action="store_true", help="prepend the paper's guardrail system prompt")
     p.add_argument("--message", help="answer this one message and exit")

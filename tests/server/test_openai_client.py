@@ -96,6 +96,33 @@ def test_sampling_with_seed_is_reproducible(server):
     assert len(set(first)) > 1
 
 
+def test_sampling_fields_left_out_take_the_model_defaults(server, offline):
+    """As vLLM's --generation-config auto: this checkpoint has no generation_config.json, so llama.cpp's
+    defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) fill what a request leaves out."""
+    client = server.client()
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, seed=99)
+    want = offline.generate("Hello", offline.default_sampling_params(max_tokens=12, seed=99))[0].outputs[0]
+    assert offline.sampling_defaults.top_k == 40 and out.choices[0].text == want.text
+    neutral = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, seed=99, temperature=1.0,
+                                        top_p=1.0, extra_body={"top_k": -1, "min_p": 0.0})
+    plain = offline.generate("Hello", SamplingParams(max_tokens=12, seed=99))[0].outputs[0]
+    assert neutral.choices[0].text == plain.text != want.text
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, seed=5)
+    want = offline.chat(MESSAGES, offline.default_sampling_params(max_tokens=8, seed=5)).outputs[0]
+    assert chat.choices[0].message.content == want.text
+
+
+def test_generation_config_none_means_openai_defaults(tiny_model, offline, tmp_path):
+    from tests.server.conftest import start_server
+
+    s = start_server(tiny_model, str(tmp_path), "--generation-config", "none", "--served-model-name", MODEL)
+    try:
+        out = s.client(api_key="unused").completions.create(model=MODEL, prompt="Hello", max_tokens=12, seed=99)
+    finally:
+        s.stop()
+    assert out.choices[0].text == offline.generate("Hello", SamplingParams(max_tokens=12, seed=99))[0].outputs[0].text
+
+
 def test_safe_prompt_field_puts_the_guardrail_first(server, offline):
     plain = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
                        json={"messages": MESSAGES}).json()["tokens"]

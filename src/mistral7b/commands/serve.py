@@ -35,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-logprobs", type=int, default=20)
     g.add_argument("--shutdown-timeout", type=float, default=10.0)
     g.add_argument("--safe-prompt", action="store_true", help="prepend the guardrail prompt to every chat")
+    g.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="sampling for the fields a request leaves out (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty): auto = the model's own (generation_config.json or GGUF "
+                        "general.sampling.*), else llama.cpp's (0.8, 0.95, 40, 0.05, 1); none = OpenAI's "
+                        "(temperature 1, no filters)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
@@ -58,6 +63,7 @@ def _positive(name: str, value: float | None) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from mistral7b.cli import _llm
+    from mistral7b.engine.generation_config import NEUTRAL
     from mistral7b.moderation.chat import chat_guard
     from mistral7b.server.app import build_app
     from mistral7b.server.async_engine import AsyncEngine
@@ -85,7 +91,8 @@ def run(a: argparse.Namespace) -> int:
     engine.metrics = metrics
     state = ServerState(llm=llm, engine=engine, metrics=metrics, served_name=name, api_key=a.api_key or None,
                         guard=make_guard(llm) if make_guard else None, max_logprobs=a.max_logprobs,
-                        safe_prompt=a.safe_prompt)
+                        safe_prompt=a.safe_prompt,
+                        sampling_defaults=llm.sampling_defaults if a.generation_config == "auto" else NEUTRAL)
     app = build_app(state, cors_origins=a.cors_origin, max_body_bytes=int(a.max_body_mb * (1 << 20)))
     serve(app, engine, a.host, a.port, a.log_level, a.shutdown_timeout)
     return 0

@@ -21,6 +21,7 @@ from mistral7b.distributed.launch import WorkerSpec, end_torchrun_worker, run_wo
 from mistral7b.distributed.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
+from mistral7b.engine.generation_config import sampling_defaults
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
@@ -127,6 +128,7 @@ class LLM:
         self.args = checkpoint.args
         self.checkpoint_format = checkpoint.format
         self.tokenizer = checkpoint_tokenizer(checkpoint)
+        self.sampling_defaults = sampling_defaults(checkpoint)
         load_quantized = None if lora is not None else quantize
         shard = None
         if tensor_parallel_size != 1:
@@ -237,9 +239,14 @@ class LLM:
             if queue is not None:
                 queue.append(ev)
 
+    def default_sampling_params(self, **fields: Any) -> SamplingParams:
+        """SamplingParams with the model's sampling defaults (engine/generation_config.py: its own, else
+        llama.cpp's) for what `fields` leave out; what requests get when they pass no params."""
+        return SamplingParams(**{**self.sampling_defaults.fields(), **fields})
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Stream one request: one event per token as it is made, then a final event with finish_reason."""
-        return self.stream_ids([self.encode_prompt(prompt)], [params or SamplingParams()])
+        return self.stream_ids([self.encode_prompt(prompt)], [params or self.default_sampling_params()])
 
     def generate(
         self,
@@ -293,7 +300,7 @@ class LLM:
         self, ids: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None, texts: list[Any]
     ) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(ids)
+            params = [params or self.default_sampling_params()] * len(ids)
         if len(params) != len(ids):
             raise RequestError(f"got {len(params)} SamplingParams for {len(ids)} prompts")
         results = []

@@ -70,7 +70,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     texts = [p if isinstance(p, str) else None for p in prompt]
     prompts = [await state.encode_prompt(p) for p in prompt]
     logprobs = body.logprobs is not None
-    params = body.sampling_params(max(max_tokens, 1), logprobs=logprobs, top_logprobs=body.logprobs or 0,
+    params = body.sampling_params(max(max_tokens, 1), state.sampling_defaults, logprobs=logprobs, top_logprobs=body.logprobs or 0,
                                   prompt_logprobs=body.logprobs if body.echo and logprobs else None)
     for ids in prompts:  # refuse the whole batch before any of it starts
         state.engine.engine.check_prompt(ids, params)

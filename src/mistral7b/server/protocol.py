@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mistral7b.engine.generation_config import NEUTRAL, SAMPLING_FIELDS, SamplingDefaults
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.errors import RequestError
 
@@ -47,9 +48,9 @@ class SamplingFields(Strict):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
     user: Annotated[str, Field(max_length=512)] | None = None
-    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] = 0
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=1 << 20)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0, le=1 << 20)] = 0
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
@@ -58,16 +59,18 @@ class SamplingFields(Strict):
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream: true")
 
-    def sampling_params(self, max_tokens: int, **extra: Any) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, defaults: SamplingDefaults = NEUTRAL, **extra: Any) -> SamplingParams:
+        """The request's SamplingParams; the sampling fields it leaves out take `defaults` (the model's)."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not key.isdigit():
                 raise RequestError(f"logit_bias: keys must be token ids, got {key!r}")
             bias[int(key)] = value
+        given = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        if "top_k" in given:
+            given["top_k"] = max(given["top_k"], 0)  # vLLM's -1: no top-k
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            max_tokens=max_tokens, **{**defaults.fields(), **given}, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,

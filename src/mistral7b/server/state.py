@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
+from mistral7b.engine.generation_config import NEUTRAL, SamplingDefaults
 from mistral7b.errors import RequestError
 from mistral7b.server.async_engine import AsyncEngine
 from mistral7b.server.errors import APIError
@@ -33,6 +34,7 @@ class ServerState:
     guard: ChatGuard | None = None
     max_logprobs: int = 20
     safe_prompt: bool = False  # the guardrail prompt on every chat, whatever the request says
+    sampling_defaults: SamplingDefaults = NEUTRAL  # for the sampling fields a request leaves out
     _moderator: Moderator | None = field(default=None, repr=False)
 
     def moderator(self) -> Moderator:
