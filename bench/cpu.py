@@ -6,7 +6,12 @@ of 256 greedy tokens after it (EOS ignored), and peak RSS; then the time from co
 `mistral7b chat --message`, the decode floor (weight bytes read per token / measured copy bandwidth), and the
 perplexity of each of our quantization modes on a held-out text. Medians of --repeats runs.
 
-    python bench/cpu.py [--model FILE.gguf] [--threads 2] [--repeats 3] [--skip hf]
+    python bench/cpu.py [--model FILE.gguf] [--threads 2] [--repeats 3] [--skip hf] [--isa avx2]
+
+`--isa avx2` measures an AVX2 machine on an AVX-512 one: our engine and HF run with PyTorch, MKL and oneDNN
+held to AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), and llama.cpp should be a build
+without AVX-512 (--llama-python: a venv where llama-cpp-python was built with GGML_NATIVE=OFF GGML_AVX512=OFF).
+Every row says which instruction sets its engine used.
 """
 
 from __future__ import annotations
@@ -60,9 +65,15 @@ def worker_ours(model: str, ids: list[int], threads: int, quantize: str) -> dict
         if ev.token_id is not None:
             stamps.append(time.perf_counter())
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    native = getattr(llm.engine.runner.cache, "native", None) is not None  # the C++ extension (mistral7b/cpu)
+    import torch
+
+    from mistral7b import cpu
+
+    ops = cpu.load(notice=False)  # the C++ extension (mistral7b/cpu), built per CPU capability
+    isa = f"ATen {torch.backends.cpu.get_cpu_capability()}, {llm.dtype}".replace("torch.", "")
+    isa += f", C++ ops {ops.CAPABILITY}" if ops is not None else ", no C++ ops"
     return {"load_s": load, "prefill_tok_s": len(ids) / (stamps[0] - start), "decode_tok_s": 1 / decode,
-            "peak_rss_mib": peak_rss_mib(), "version": "(C++ decode ops)" if native else ""}
+            "peak_rss_mib": peak_rss_mib(), "version": "", "isa": isa}
 
 
 def worker_llama(model: str, ids: list[int], threads: int) -> dict:
@@ -81,8 +92,11 @@ def worker_llama(model: str, ids: list[int], threads: int) -> dict:
         llm.eval([token])
         stamps.append(time.perf_counter())
     decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    info = llama_cpp.llama_print_system_info().decode()
+    isa = " ".join(f for f in ("AVX2", "FMA", "F16C", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
+                   if f"{f} = 1" in info)
     return {"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": 1 / decode,
-            "peak_rss_mib": peak_rss_mib(), "version": llama_cpp.__version__}
+            "peak_rss_mib": peak_rss_mib(), "version": llama_cpp.__version__, "isa": isa}
 
 
 def worker_hf(model: str, ids: list[int], threads: int, dtype: str) -> dict:
@@ -105,18 +119,32 @@ def worker_hf(model: str, ids: list[int], threads: int, dtype: str) -> dict:
         total = time.perf_counter() - t0
     decode = (total - prefill) / (DECODE_TOKENS - 1)
     return {"load_s": load, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": 1 / decode,
-            "peak_rss_mib": peak_rss_mib(), "version": transformers.__version__}
+            "peak_rss_mib": peak_rss_mib(), "version": transformers.__version__,
+            "isa": f"ATen {torch.backends.cpu.get_cpu_capability()}"}
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
 LLAMA_PYTHON = sys.executable  # the interpreter with llama_cpp (--llama-python: e.g. the peer server's venv)
+ISA_ENV: dict[str, str] = {}  # --isa avx2: PyTorch, MKL and oneDNN held to AVX2
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def cpu_flags() -> str:
+    """The CPU's SIMD flags (Linux), for the table's heading."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return platform.machine()
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
+    return " ".join(f for f in keep if f in flags)
 
 
 def run_worker(kind: str, model: str, threads: int, ids_file: str, extra: str = "") -> dict:
     python = LLAMA_PYTHON if kind == "llama" else sys.executable
     cmd = [python, __file__, "--worker", kind, "--model", model, "--threads", str(threads),
            "--ids-file", ids_file, "--extra", extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(ISA_ENV if kind != "llama" else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -129,7 +157,7 @@ def time_to_first_token(threads: int) -> float:
            "--threads", str(threads), "--temperature", "0"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ,
-                            "PYTHONUNBUFFERED": "1"})
+                            "PYTHONUNBUFFERED": "1", **ISA_ENV})
     proc.stdout.read(1)
     first = time.perf_counter() - t0
     proc.wait(timeout=120)
@@ -192,11 +220,16 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--ids-file")
     p.add_argument("--extra", default="")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: run our engine and HF as on an AVX2 machine (see the module docstring)")
     p.add_argument("--llama-python", default=sys.executable,
                    help="Python with llama_cpp installed (default: this one), e.g. /tmp/llamacpp-venv/bin/python")
     a = p.parse_args()
     global LLAMA_PYTHON
     LLAMA_PYTHON = a.llama_python
+    if a.isa == "avx2":
+        ISA_ENV.update(AVX2_ENV)
+        os.environ.update(AVX2_ENV)  # this process's own measurements (weights, perplexity) too
     if a.model is None:
         from mistral7b.default_model import default_model_path
 
@@ -230,6 +263,7 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in ok) for k in ("load_s", "prefill_tok_s", "decode_tok_s",
                                                                   "peak_rss_mib")}
         med["version"] = ok[0].get("version", "")
+        med["isa"] = ok[0].get("isa", "")
         rows.append((label, med))
         print(f"{label}: {med}", file=sys.stderr)
     os.remove(ids_file)
@@ -240,16 +274,16 @@ def main() -> None:
     ppl = perplexities(a.model)
 
     print(f"\n## CPU benchmark ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, {a.threads} threads, {os.path.basename(a.model)}, "
-          f"prompt {len(ids)} tokens, {DECODE_TOKENS} decoded, median of {a.repeats})\n")
-    print("| engine | load s | pre-fill tok/s | decode tok/s | peak RSS MiB |")
-    print("|---|---|---|---|---|")
+          f"{os.cpu_count()} cores ({cpu_flags()}), {a.threads} threads, --isa {a.isa}, "
+          f"{os.path.basename(a.model)}, prompt {len(ids)} tokens, {DECODE_TOKENS} decoded, median of {a.repeats})\n")
+    print("| engine | instruction sets | load s | pre-fill tok/s | decode tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
     for label, r in rows:
         if "error" in r:
-            print(f"| {label} | failed: {r['error'][:80]} | | | |")
+            print(f"| {label} | | failed: {r['error'][:80]} | | | |")
         else:
-            print(f"| {label} {r.get('version', '')} | {r['load_s']:.2f} | {r['prefill_tok_s']:.0f} | "
-                  f"{r['decode_tok_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+            print(f"| {label} {r.get('version', '')} | {r.get('isa', '')} | {r['load_s']:.2f} | "
+                  f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mib']:.0f} |")
     print(f"\nCopy bandwidth {bw:.1f} GB/s; decode floor (weight bytes / bandwidth): "
           f"{floor['auto']:.0f} tok/s with the file's quantization, {floor['none']:.0f} tok/s in float32.")
     print(f"Command to first token of `mistral7b chat --message`: {ttft:.2f} s.")

@@ -114,6 +114,23 @@ def test_rows_are_independent():
                        ops.int4_linear(x2, qweight[perm], scales[perm], mins[perm]))
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_row_gives_the_same_bits_in_any_batch(kind):
+    """Activation rows are quantized and multiplied each on its own, in one summation order whatever the tile
+    they fall in: a request's numbers do not depend on what it is batched with."""
+    ops = cpu.load()
+    if kind == "int4":
+        qweight, scales, mins, _ = int4_weights(45, 192, 32)
+        run = lambda x: ops.int4_linear(x, qweight, scales, mins)  # noqa: E731
+    else:
+        weight, s8, _ = int8_weights(45, 192)
+        run = lambda x: ops.int8_linear(x, weight, s8)  # noqa: E731
+    x = activations(11, 192)
+    alone = torch.cat([run(x[i : i + 1]) for i in range(11)])
+    for M in (2, 3, 4, 5, 11):
+        assert torch.equal(run(x[:M]), alone[:M])
+
+
 def test_bad_inputs_are_one_clear_error():
     ops = cpu.load()
     qweight, scales, mins, _ = int4_weights(4, 64, 32)

@@ -181,7 +181,7 @@ class PagedKVCache:
         ones where its sums follow oneDNN's (keys paired from the row's first block, head_dim 64 or 128 with up
         to 8 query heads a kv head), as it must to give the PyTorch path's bits."""
         if dtype == torch.float32:
-            return args.head_dim % 16 == 0
+            return args.head_dim % 16 == 0 and args.head_dim <= 256
         return (dtype == torch.bfloat16 and block_size % 2 == 0 and args.head_dim % 64 == 0
                 and args.n_heads // args.n_kv_heads <= 8)
 

@@ -14,11 +14,12 @@
 // other shapes (head_dim 32 with one query head a kv head sums in another order) stay on the PyTorch path. On
 // other capabilities oneDNN sums bf16 in other orders, and bf16 pools stay on the PyTorch path.
 //
-// float32 pools (every build): float32 dot products, ATen's vectorised softmax over the row's valid keys and
-// float32 sums of p * v, in this file's own order (MKL's, which the PyTorch path uses, is not reproducible):
-// within float32 rounding of the PyTorch path, which tests/cpu/test_ops.py checks against float64 attention.
+// float32 pools (every build): float32 dot products and sums of p * v in this file's own order, the softmax split
+// over chunks of keys and merged (MKL's order, which the PyTorch path uses, is not reproducible): within float32
+// rounding of the PyTorch path, which tests/cpu/test_ops.py checks against float64 attention.
 
 #include "ops.h"
+#include "threads.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -31,7 +32,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -233,7 +234,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const Pool<bf16>& pool, co
       for (int64_t d = 0; d < D; ++d) qf[(s * H + h) * D + d] = static_cast<float>(qp[s * q.stride(0) + h * q.stride(1) + d]);
 
   // 1. scores, tile by tile (tiles wholly outside a row's keys are masked without reading anything)
-  at::parallel_for(0, S * H_kv * tiles, 8, [&](int64_t begin, int64_t end) {
+  parallel_range(S * H_kv * tiles, 8, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t s = i / (H_kv * tiles), h = (i / tiles) % H_kv, t0 = (i % tiles) * kTile;
       float* out = scores.data() + (s * H + h * G) * stride;
@@ -248,7 +249,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const Pool<bf16>& pool, co
     }
   });
   // 2. softmax of each (sequence, head) over the gathered row's width
-  at::parallel_for(0, S * H, 4, [&](int64_t begin, int64_t end) {
+  parallel_range(S * H, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* row = scores.data() + i * stride;
       softmax_row(row, width);  // then rounded to bf16, as the PyTorch path does before its second matmul
@@ -257,7 +258,7 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const Pool<bf16>& pool, co
   });
   // 3. probabilities times values, 32 dimensions at a time
   const int64_t chunks = D / 32;
-  at::parallel_for(0, S * H_kv * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_range(S * H_kv * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t s = i / (H_kv * chunks), h = (i / chunks) % H_kv, d0 = (i % chunks) * 32;
       with_group<WeightedValues>(G, pool, rows[s], h, scores.data() + (s * H + h * G) * stride, stride, d0,
@@ -272,51 +273,155 @@ at::Tensor decode_attention_bf16(const at::Tensor& q, const Pool<bf16>& pool, co
 
 #endif  // CPU_CAPABILITY_AVX512
 
-// The float32 path: per (sequence, kv head), the G query heads' scores over the row's valid keys, ATen's
-// softmax, then the values weighted in key order.
-at::Tensor decode_attention_f32(const at::Tensor& q, const Pool<float>& pool, const std::vector<Row>& rows,
-                                int64_t H_kv, double scale) {
+// The float32 path, as flash-decoding splits it: each row's valid keys cut into chunks so that every thread has
+// work (one sequence has only H_kv heads: 3 tasks on 2 threads left one idle half the time); a chunk gives, per
+// query head, its scores' max m, the sum l of exp(score - m) (ATen's vectorised exp) and the sum of
+// exp(score - m) * v; the chunks of a head merge with weights exp(m_c - max m). q and the value accumulators
+// stay in registers (NV vectors a head: head_dim / the vector width).
+struct Chunk {
+  int64_t s, h, t0, t1;  // row, kv head, keys [t0, t1) relative to the row's base
+};
+
+// The sums of the lanes of four vectors: out[j] = sum of a[j]'s lanes (a tree of horizontal adds, where one
+// reduction a key cost as much as its dot product).
+inline void reduce4(const at::vec::Vectorized<float>* a, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m256 r[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = a[j];
+    r[j] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r[4] = {a[0], a[1], a[2], a[3]};
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  for (int j = 0; j < 4; ++j)
+    out[j] = at::vec::vec_reduce_all<float>([](at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& y) {
+      return x + y; }, a[j]);
+#endif
+}
+
+template <int NV_>  // vectors a head, or 0: head_dim / the width at run time (up to 32: no registers then)
+void attend_chunk(const Pool<float>& pool, const Row& r, const Chunk& c, const float* q /* [G, D] */, int64_t G,
+                  float scale, float* scores /* [G, t1 - t0] scratch */, const float** keys /* [t1 - t0] */,
+                  float* m, float* l, float* o /* [G, D] */) {
   using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  constexpr int kMax = NV_ ? NV_ : 32;
+  const int NV = NV_ ? NV_ : static_cast<int>(pool.dim / V);
+  const int64_t n = c.t1 - c.t0, D = NV * V;
+  for (int64_t t = 0; t < n; ++t) keys[t] = pool.k + pool.offset(r, c.h, c.t0 + t);  // values: the same offsets
+  const int64_t kv = pool.v - pool.k;
+  for (int64_t g = 0; g < G; ++g) {
+    Vec qv[kMax];
+    for (int i = 0; i < NV; ++i) qv[i] = Vec::loadu(q + g * D + i * V);
+    float* sg = scores + g * n;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+      if (g == 0 && t + 8 < n)  // blocks lie anywhere in the pool: ask for the keys a few ahead
+        for (int j = 4; j < 8; ++j)
+          for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(keys[t + j]) + b);
+      Vec a[4];
+      for (int j = 0; j < 4; ++j) {
+        const float* k = keys[t + j];
+        a[j] = qv[0] * Vec::loadu(k);
+        for (int i = 1; i < NV; ++i) a[j] = at::vec::fmadd(qv[i], Vec::loadu(k + i * V), a[j]);
+      }
+      reduce4(a, sg + t);
+    }
+    for (; t < n; ++t) {
+      Vec a = qv[0] * Vec::loadu(keys[t]);
+      for (int i = 1; i < NV; ++i) a = at::vec::fmadd(qv[i], Vec::loadu(keys[t] + i * V), a);
+      sg[t] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, a);
+    }
+    at::vec::map([scale](Vec x) { return x * Vec(scale); }, sg, sg, n);
+    const float mx = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sg, n);
+    at::vec::map([mx](Vec x) { return (x - Vec(mx)).exp(); }, sg, sg, n);
+    m[g] = mx;
+    l[g] = at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, sg, n);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    Vec acc[kMax];
+    for (int i = 0; i < NV; ++i) acc[i] = Vec(0.f);
+    const float* sg = scores + g * n;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* v = keys[t] + kv;
+      const Vec p(sg[t]);
+      for (int i = 0; i < NV; ++i) acc[i] = at::vec::fmadd(p, Vec::loadu(v + i * V), acc[i]);
+    }
+    for (int i = 0; i < NV; ++i) acc[i].store(o + g * D + i * V);
+  }
+}
+
+template <int NV>
+at::Tensor decode_attention_f32_nv(const at::Tensor& q, const Pool<float>& pool, const std::vector<Row>& rows,
+                                   int64_t H_kv, double scale) {
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2), G = H / H_kv;
-  auto out = at::empty({S, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  // chunks: about 4 tasks a thread in all, at least 32 keys each
+  const int64_t want = 4 * at::get_num_threads();
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first(S * H_kv + 1);  // chunks of (s, h): [first[s H_kv + h], first[s H_kv + h + 1])
+  for (int64_t s = 0; s < S; ++s) {
+    const Row& r = rows[s];
+    const int64_t n = r.hi - r.lo;
+    const int64_t pieces = std::max<int64_t>(1, std::min((want + S * H_kv - 1) / (S * H_kv), (n + 31) / 32));
+    const int64_t size = (n + pieces - 1) / pieces;
+    for (int64_t h = 0; h < H_kv; ++h) {
+      first[s * H_kv + h] = chunks.size();
+      for (int64_t t0 = r.lo; t0 < r.hi; t0 += size) chunks.push_back({s, h, t0, std::min(t0 + size, r.hi)});
+    }
+  }
+  first[S * H_kv] = chunks.size();
+  const int64_t C = chunks.size();
+  std::vector<float> ms(C * G), ls(C * G), os(C * G * D);
   const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, S * H_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probs, acc(G * D);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t s = i / H_kv, h = i % H_kv;
-      const Row& r = rows[s];
-      const int64_t n = r.hi - r.lo;
-      probs.resize(G * n);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* k = pool.k + pool.offset(r, h, r.lo + t);
-        if (t + 1 < n) {
-          const char* next = reinterpret_cast<const char*>(pool.k + pool.offset(r, h, r.lo + t + 1));
-          for (int64_t b = 0; b < D * 4; b += 64) __builtin_prefetch(next + b);
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qp + s * q.stride(0) + (h * G + g) * q.stride(1);
-          Vec sum(0.f);
-          for (int64_t d = 0; d < D; d += Vec::size()) sum = at::vec::fmadd(Vec::loadu(qg + d), Vec::loadu(k + d), sum);
-          probs[g * n + t] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum) *
-                             static_cast<float>(scale);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) softmax_row(probs.data() + g * n, n);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const float* v = pool.v + pool.offset(r, h, r.lo + t);
-        for (int64_t g = 0; g < G; ++g) {
-          const Vec p(probs[g * n + t]);
-          float* a = acc.data() + g * D;
-          for (int64_t d = 0; d < D; d += Vec::size()) at::vec::fmadd(p, Vec::loadu(v + d), Vec::loadu(a + d)).store(a + d);
-        }
-      }
+  parallel_for(C, [&](int64_t i) {
+    thread_local std::vector<float> qg, scratch;
+    thread_local std::vector<const float*> keys;
+    qg.resize(G * D);
+    {
+      const Chunk& c = chunks[i];
       for (int64_t g = 0; g < G; ++g)
-        std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, op + (s * H + h * G + g) * D);
+        std::copy_n(qp + c.s * q.stride(0) + (c.h * G + g) * q.stride(1), D, qg.data() + g * D);
+      scratch.resize(G * (c.t1 - c.t0));
+      keys.resize(c.t1 - c.t0);
+      attend_chunk<NV>(pool, rows[c.s], c, qg.data(), G, static_cast<float>(scale), scratch.data(), keys.data(),
+                       ms.data() + i * G, ls.data() + i * G, os.data() + i * G * D);
     }
   });
+  auto out = at::empty({S, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  float* op = out.data_ptr<float>();
+  for (int64_t sh = 0; sh < S * H_kv; ++sh)
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = first[sh]; c < first[sh + 1]; ++c) mx = std::max(mx, ms[c * G + g]);
+      float total = 0.f;
+      float* dst = op + (sh * G + g) * D;  // (s, h) = divmod(sh, H_kv): query head h G + g of row s
+      std::fill(dst, dst + D, 0.f);
+      for (int64_t c = first[sh]; c < first[sh + 1]; ++c) {
+        const float w = std::exp(ms[c * G + g] - mx);
+        total += w * ls[c * G + g];
+        const float* oc = os.data() + (c * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * oc[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+    }
   return out;
+}
+
+at::Tensor decode_attention_f32(const at::Tensor& q, const Pool<float>& pool, const std::vector<Row>& rows,
+                                int64_t H_kv, double scale) {
+  constexpr int64_t V = at::vec::Vectorized<float>::size();
+  switch (q.size(2) / V) {
+    case 4: return decode_attention_f32_nv<4>(q, pool, rows, H_kv, scale);    // head_dim 64 (AVX-512), 32
+    case 8: return decode_attention_f32_nv<8>(q, pool, rows, H_kv, scale);    // 128 (AVX-512), 64
+    case 16: return decode_attention_f32_nv<16>(q, pool, rows, H_kv, scale);  // 128 (AVX2 and portable)
+    default: return decode_attention_f32_nv<0>(q, pool, rows, H_kv, scale);
+  }
 }
 
 }  // namespace
@@ -348,8 +453,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t S = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t H_kv = k_cache.size(0), B = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && H % H_kv == 0, "q and caches: heads and head_dim do not match");
-  TORCH_CHECK(dtype == at::kFloat ? D % 16 == 0 : (D % 64 == 0 && H / H_kv <= 8),
-              "head_dim a multiple of 16 (float32), or of 64 with at most 8 query heads a kv head (bf16)");
+  TORCH_CHECK(dtype == at::kFloat ? (D % 16 == 0 && D <= 256) : (D % 64 == 0 && H / H_kv <= 8),
+              "head_dim a multiple of 16 up to 256 (float32), or of 64 with at most 8 query heads a kv head (bf16)");
   TORCH_CHECK(k_cache.numel() / 2 < (int64_t(1) << 31), "pool too large for 32-bit gather offsets");
   TORCH_CHECK(block_tables.size(0) == S && first_blocks.numel() == S && seq_lens.numel() == S, "one row a sequence");
   const int64_t T = block_tables.size(1);

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = ("module.cpp", "attention.cpp", "fused.cpp", "quant.cpp")
-HEADERS = ("ops.h",)
+SOURCES = ("module.cpp", "attention.cpp", "fused.cpp", "quant.cpp", "threads.cpp")
+HEADERS = ("ops.h", "threads.h")
 BUILD_DIR = HERE / "build"
 MODULE = "mistral7b_cpu_ops"
 # Compiler flags per ATen CPU capability, as PyTorch builds its own kernels (cmake/Codegen.cmake); F16C for the

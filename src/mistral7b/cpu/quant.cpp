@@ -21,6 +21,8 @@
 
 #include "ops.h"
 
+#include "threads.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
@@ -74,9 +76,7 @@ Activations quantize(const T* x, int64_t M, int64_t K, int64_t G) {
   a.q.resize(M * K);
   a.step.resize(M * nb);
   if (G > 0) a.sums.assign(M * (K / G), 0.f);
-  at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) quantize_block(x + i * kBlock, a.q.data() + i * kBlock, &a.step[i]);
-  });
+  for (int64_t i = 0; i < M * nb; ++i) quantize_block(x + i * kBlock, a.q.data() + i * kBlock, &a.step[i]);
   // x's sums per group from the rounded values, as the q . x term sees them: the min term's rounding error then
   // cancels the q term's offset (q is 0..15), and the result's error is that of sum(w * (x_rounded - x)) alone
   // (half of what x's exact sums gave for random Q4 weights)
@@ -104,7 +104,7 @@ inline void halves_to_floats(const c10::Half* h, float* f, int64_t n) {
 // Per capability: Acc, a float32 accumulator vector; WVec, a block's 32 weights as int16; and
 //   acc_block(acc, w, x, scale): acc + float(w . x pairwise, exact int32) * *scale (a broadcast from memory)
 //   acc_dot(acc, halves, floats, n): acc + the products of n float16 and float32 values, spread over its lanes
-//   acc_sum(acc): the sum of its lanes.
+//   acc_sum(acc): the sum of its lanes; acc_sum4(a, out): the sums of four accumulators at once.
 #if defined(CPU_CAPABILITY_AVX512)
 using Acc = __m512;
 using WVec = __m512i;
@@ -133,7 +133,12 @@ inline Acc acc_dot(Acc acc, const c10::Half* h, const float* f, int64_t n) {
   }
   return acc;
 }
-inline float acc_sum(Acc acc) { return _mm512_reduce_add_ps(acc); }
+inline void acc_sum4(const Acc* a, float* out) {  // out[j] = acc_sum(a[j]), by a tree of horizontal adds
+  __m256 r[4];
+  for (int j = 0; j < 4; ++j) r[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm512_extractf32x8_ps(a[j], 1));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
 inline void scale_products(const c10::Half* h, const float* f, float* out, int64_t n) {  // out = h * f
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -170,18 +175,16 @@ inline Acc acc_dot(Acc acc, const c10::Half* h, const float* f, int64_t n) {
   for (; i + 8 <= n; i += 8)
     acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))),
                           _mm256_loadu_ps(f + i), acc);
-  if (i < n) {
-    alignas(32) float a[8] = {}, b[8] = {};
-    for (int64_t j = i; j < n; ++j) a[j - i] = static_cast<float>(h[j]), b[j - i] = f[j];
-    acc = _mm256_fmadd_ps(_mm256_load_ps(a), _mm256_load_ps(b), acc);
+  if (i < n) {  // the last 1..7 products in lane 0
+    float tail = 0.f;
+    for (; i < n; ++i) tail += _cvtsh_ss(reinterpret_cast<const uint16_t*>(h)[i]) * f[i];
+    acc = _mm256_add_ps(acc, _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, tail));
   }
   return acc;
 }
-inline float acc_sum(Acc v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline void acc_sum4(const Acc* a, float* out) {  // out[j] = acc_sum(a[j]), by a tree of horizontal adds
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 inline void scale_products(const c10::Half* h, const float* f, float* out, int64_t n) {  // out = h * f
   int64_t i = 0;
@@ -216,11 +219,22 @@ inline Acc acc_dot(Acc acc, const c10::Half* h, const float* f, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc += static_cast<float>(h[i]) * f[i];
   return acc;
 }
-inline float acc_sum(Acc acc) { return acc; }
+inline void acc_sum4(const Acc* a, float* out) {
+  for (int j = 0; j < 4; ++j) out[j] = a[j];
+}
 inline void scale_products(const c10::Half* h, const float* f, float* out, int64_t n) {  // out = h * f
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(h[i]) * f[i];
 }
 #endif
+
+// One accumulator's sum in acc_sum4's order: a row's result does not depend on where it falls in a tile, so
+// the same weight row and activation row give the same bits in any batch.
+inline float acc_sum(Acc a) {
+  const Acc four[4] = {a, a, a, a};
+  float out[4];
+  acc_sum4(four, out);
+  return out[0];
+}
 
 constexpr int64_t kMaxBlocks = 512;  // blocks of 32 in a row: in_features up to 16384
 
@@ -276,20 +290,29 @@ void tile(const W& w, const Activations& a, int64_t n0, int64_t m0, T* y, int64_
       const WVec wv = w.unpack(n0 + nr, b);
       for (int r = 0; r < R; ++r) acc[nr][r] = acc_block(acc[nr][r], wv, xq[r] + b * kBlock, &scale[nr][r][b]);
     }
+  Acc done[NR * R];
   for (int nr = 0; nr < NR; ++nr)
-    for (int r = 0; r < R; ++r)
-      y[(m0 + r) * N + n0 + nr] = static_cast<T>(acc_sum(w.finish(acc[nr][r], n0 + nr, a, m0 + r)));
+    for (int r = 0; r < R; ++r) done[nr * R + r] = w.finish(acc[nr][r], n0 + nr, a, m0 + r);
+  float sums[NR * R + 3];
+  int j = 0;
+  for (; j + 4 <= NR * R; j += 4) acc_sum4(done + j, sums + j);
+  for (; j < NR * R; ++j) sums[j] = acc_sum(done[j]);
+  for (int nr = 0; nr < NR; ++nr)
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n0 + nr] = static_cast<T>(sums[nr * R + r]);
 }
 
-// All of y [M, N], weight rows split across threads: 4 weight rows a pass for one activation row, 2 for two,
-// one for more (then up to 4 activation rows a pass share each unpacked block).
+// All of y [M, N], weight rows split into tasks across threads (threads.h): 4 weight rows a pass for one
+// activation row, 2 for two, one for more (then up to 4 activation rows a pass share each unpacked block).
 template <typename W, typename T>
 void matmul(const W& w, const Activations& a, int64_t N, T* y) {
   const int64_t M = a.M;
   const int64_t NR = M == 1 ? 4 : (M == 2 ? 2 : 1);
-  const int64_t grain = std::max<int64_t>(NR, 16384 / std::max<int64_t>(a.K, 1));
-  at::parallel_for(0, (N + NR - 1) / NR, std::max<int64_t>(1, grain / NR), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  const int64_t passes = (N + NR - 1) / NR;
+  // tasks of at least ~16K weights x rows, about 8 a thread
+  const int64_t per_task = std::max<int64_t>(std::max<int64_t>(1, 16384 / std::max<int64_t>(a.K * M, 1)),
+                                             passes / (8 * std::max(1, at::get_num_threads())));
+  parallel_for((passes + per_task - 1) / per_task, [&](int64_t task) {
+    for (int64_t i = task * per_task; i < std::min(passes, (task + 1) * per_task); ++i) {
       const int64_t n0 = i * NR;
       if (NR == 4 && n0 + 4 <= N) {
         tile<4, 1>(w, a, n0, 0, y, N);
@@ -387,9 +410,10 @@ at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
   const c10::Half* sc = scales.data_ptr<c10::Half>();
   const c10::Half* mn = mins.data_ptr<c10::Half>();
   auto run = [&](auto* o) {
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    const int64_t rows = std::max<int64_t>(1, 65536 / K);  // rows a task
+    parallel_for((N + rows - 1) / rows, [&](int64_t task) {
       std::vector<float> s(groups), m(groups);
-      for (int64_t n = begin; n < end; ++n) {
+      for (int64_t n = task * rows; n < std::min(N, (task + 1) * rows); ++n) {
         halves_to_floats(sc + n * groups, s.data(), groups);
         halves_to_floats(mn + n * groups, m.data(), groups);
         const uint8_t* wr = w + n * (K / 2);

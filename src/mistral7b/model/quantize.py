@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral7b import cpu
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT8_DENSE_MIN_ROWS = 48  # from this many input rows on, dequantize and use a dense matmul
 INT4_DENSE_MIN_ROWS = 48
@@ -36,8 +38,6 @@ GPU_INT4_DENSE_MIN_ROWS = 192  # PyTorch's CUDA int4 kernel against dequantizing
 
 def cpu_ops() -> ModuleType | None:
     """The CPU extension for this process's CPU capability, or None (then PyTorch ops)."""
-    from mistral7b import cpu
-
     return cpu.load(notice=False)
 
 

@@ -1,0 +1,127 @@
+// The extension's thread pool (threads.h).
+#include "threads.h"
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MISTRAL7B_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define MISTRAL7B_PAUSE() asm volatile("yield")
+#else
+#define MISTRAL7B_PAUSE() ((void)0)
+#endif
+
+namespace mistral7b {
+namespace detail {
+namespace {
+
+constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle helper watches for the next job
+
+struct Job {  // fn(i) for i in [0, n) by `width` threads at most (the caller and helpers 1 .. width - 1)
+  std::atomic<void (*)(void*, int64_t)> call{nullptr};
+  std::atomic<void*> ctx{nullptr};
+  std::atomic<int64_t> n{0};
+  std::atomic<int> width{1};
+};
+
+struct Pool {
+  // The job id and the next task's index in one word, taken by compare-and-swap: a ticket always belongs to the
+  // job it was read with (a thread late from one job cannot take a task of the next under the old job's count).
+  // Job id's descriptor is jobs[id % 2]: it is rewritten for id + 2 only after job id + 1, so after job id, is done.
+  std::atomic<uint64_t> state{0};
+  Job jobs[2];
+  std::atomic<int64_t> done{0};
+  std::atomic<int> sleepers{0};
+  std::mutex busy;  // one job at a time
+  std::mutex wake_mutex;
+  std::condition_variable wake;
+  std::vector<std::thread> helpers;
+
+  static uint32_t job_id(uint64_t s) { return static_cast<uint32_t>(s >> 32); }
+
+  void work(int index) {
+    uint64_t s = state.load(std::memory_order_acquire);
+    for (;;) {
+      const Job& job = jobs[job_id(s) % 2];
+      const uint32_t i = static_cast<uint32_t>(s);
+      if (index >= job.width.load(std::memory_order_relaxed) || i >= job.n.load(std::memory_order_relaxed)) return;
+      if (!state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      job.call.load(std::memory_order_relaxed)(job.ctx.load(std::memory_order_relaxed), i);
+      done.fetch_add(1, std::memory_order_acq_rel);
+      s = state.load(std::memory_order_acquire);
+    }
+  }
+
+  void helper(int index) {
+    uint32_t seen = job_id(state.load(std::memory_order_acquire));
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      int polls = 0;
+      while (job_id(state.load(std::memory_order_acquire)) == seen) {
+        MISTRAL7B_PAUSE();
+        if (++polls % 64 == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(wake_mutex);
+          sleepers.fetch_add(1, std::memory_order_seq_cst);
+          wake.wait(lock, [&] { return job_id(state.load(std::memory_order_seq_cst)) != seen; });
+          sleepers.fetch_sub(1, std::memory_order_acq_rel);
+        }
+      }
+      seen = job_id(state.load(std::memory_order_acquire));
+      work(index);
+    }
+  }
+
+  void ensure_helpers(int count) {  // made once and kept (never torn down: they sleep when idle)
+    while (static_cast<int>(helpers.size()) < count) {
+      const int index = static_cast<int>(helpers.size()) + 1;
+      helpers.emplace_back([this, index] { helper(index); });
+      helpers.back().detach();
+    }
+  }
+
+  void run(int64_t tasks, void (*fn)(void*, int64_t), void* context) {
+    const int threads = std::max(1, at::get_num_threads());
+    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+    if (threads == 1 || tasks == 1 || !lock.owns_lock() || tasks >= (int64_t(1) << 32)) {
+      for (int64_t i = 0; i < tasks; ++i) fn(context, i);  // nested, concurrent or single-threaded: inline
+      return;
+    }
+    ensure_helpers(threads - 1);
+    const uint32_t id = job_id(state.load(std::memory_order_acquire)) + 1;
+    Job& job = jobs[id % 2];
+    job.call.store(fn, std::memory_order_relaxed);
+    job.ctx.store(context, std::memory_order_relaxed);
+    job.n.store(tasks, std::memory_order_relaxed);
+    job.width.store(threads, std::memory_order_relaxed);
+    done.store(0, std::memory_order_relaxed);
+    // publishes the job; seq_cst, so that it is not ordered after the load of `sleepers` (a helper going to
+    // sleep counts itself, then checks the state under the lock)
+    state.store(static_cast<uint64_t>(id) << 32, std::memory_order_seq_cst);
+    if (sleepers.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> guard(wake_mutex);
+      wake.notify_all();
+    }
+    work(0);
+    while (done.load(std::memory_order_acquire) < tasks) MISTRAL7B_PAUSE();  // the tasks helpers took
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: detached helpers may still be sleeping at exit
+  return *p;
+}
+
+}  // namespace
+
+void run_tasks(int64_t n, void (*call)(void*, int64_t), void* ctx) { pool().run(n, call, ctx); }
+
+}  // namespace detail
+}  // namespace mistral7b
