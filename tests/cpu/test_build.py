@@ -96,3 +96,17 @@ def test_library_name_follows_the_sources(monkeypatch, tmp_path):
     assert build.library_path("AVX2") == before["AVX2"]
     (tmp_path / "quant.cpp").write_text((tmp_path / "quant.cpp").read_text() + "\n// changed\n")
     assert build.library_path("AVX2") != before["AVX2"]
+
+
+def test_auto_quantization_loads_float_without_the_extension(monkeypatch, capsys):
+    """Packed layers are fast only through the extension's kernels: without it a GGUF file's quantized
+    weights load dequantized to float."""
+    from mistral7b.loading import open_checkpoint
+    from mistral7b.model.build import build_model
+    from tests.conftest import smollm2_path
+
+    monkeypatch.setattr(cpu, "_tried", True)
+    monkeypatch.setattr(cpu, "_loaded", None)
+    ckpt = open_checkpoint(smollm2_path())
+    model = build_model(ckpt, torch.float32, progress=False, quantize="auto")
+    assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)

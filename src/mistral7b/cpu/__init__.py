@@ -16,8 +16,6 @@ import os
 import sys
 from types import ModuleType
 
-import torch
-
 _loaded: ModuleType | None = None
 _tried = False
 
@@ -45,10 +43,3 @@ def load(notice: bool = True) -> ModuleType | None:
     _loaded = module
     return module
 
-
-def native_bfloat16() -> bool:
-    """Whether this CPU computes in bfloat16 natively in the capability PyTorch uses now: AVX-512 with its BF16
-    extension or AMX. Elsewhere bfloat16 is emulated (slower than float32 on AVX2) and oneDNN's bf16 rounding is
-    not the one the extension's exact attention reproduces, so the engine computes in float32 there."""
-    return (torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))

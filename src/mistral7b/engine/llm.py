@@ -28,7 +28,7 @@ from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
 from mistral7b.runtime import allocator_for_compute, tune_allocator
 from mistral7b.loading import Checkpoint, open_checkpoint
-from mistral7b.model.build import QUANTIZE_MODES, build_model, quantizes
+from mistral7b.model.build import QUANTIZE_MODES, build_model
 from mistral7b.model.fuse import fuse_projections
 from mistral7b.model.quantize import quantize_model
 from mistral7b.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -48,18 +48,15 @@ def checkpoint_tokenizer(checkpoint: Checkpoint) -> Tokenizer | None:
     return load_tokenizer(folder)
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, quantized: bool = False) -> torch.dtype:
-    """"auto": bfloat16 on GPUs, and for quantized models on CPUs that compute in bfloat16 natively (AVX-512 BF16
-    or AMX, in the capability PyTorch uses: cpu.native_bfloat16), where pre-fill runs ~2x faster than in float32;
-    float32 otherwise: the exact reference path, and on AVX2 CPUs the fast one (bfloat16 is emulated there)."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on GPUs, float32 on CPUs, chosen by measurement (bench/README.md): with the CPU
+    extension's quantized kernels a 2-core AVX-512 BF16/AMX machine decodes the embedded model at 148 tok/s in
+    float32 against 111 in bfloat16 (conversions at every op), and pre-fills at 3.1x llama.cpp's rate in
+    float32 (MKL); an AVX2 CPU has no bfloat16 arithmetic at all. float32 is also the exact reference."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        from mistral7b import cpu
-
-        if device.type == "cuda" or (quantized and cpu.native_bfloat16()):
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
@@ -124,7 +121,7 @@ class LLM:
                 raise RequestError("tensor parallelism runs float weights: drop --lora / --quantize int8|int4 "
                                    "(merge an adapter first with `mistral7b merge`)")
             quantize = None
-        self.dtype = resolve_dtype(dtype, self.device, quantized=quantizes(checkpoint, quantize))
+        self.dtype = resolve_dtype(dtype, self.device)
         self.args = checkpoint.args
         self.checkpoint_format = checkpoint.format
         self.tokenizer = checkpoint_tokenizer(checkpoint)

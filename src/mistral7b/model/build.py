@@ -11,7 +11,9 @@ Quantization (`quantize`):
   (tied embeddings: the output layer's int8 rows serve the lookup too).
 - "auto": follow a GGUF file tensor by tensor: Q4_0/Q4_1 layers are used packed and exactly as int4, Q8_0 as
   int8 (its own blocks, exactly), other quantized types are re-quantized to int8 (blocks of 32), float tensors
-  stay float; a Q8_0/Q4 embedding table is kept exactly as it is stored. For other formats "auto" means None.
+  stay float; a Q8_0/Q4 embedding table is kept exactly as it is stored. For other formats "auto" means None,
+  and so it does on a CPU without the extension (mistral7b/cpu: its kernels are what make packed layers fast;
+  PyTorch ops would dequantize every weight at every step).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mistral7b import cpu
 from mistral7b.distributed.tensor_parallel import Shard, local_args, parallelize, slice_spec, take_slice
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
@@ -42,13 +45,6 @@ def _linear_mode(name: str, stored_type: str, quantize: str | None, fmt: str) ->
     return "int8" if quantize in ("int4", "int8") else None
 
 
-def quantizes(checkpoint: Checkpoint, quantize: str | None) -> bool:
-    """Whether loading with `quantize` gives any quantized layer."""
-    if quantize == "auto":
-        return checkpoint.format == "gguf" and any(t not in _FLOAT_GGUF for t in checkpoint.stored_types().values())
-    return quantize in ("int8", "int4")
-
-
 def build_model(
     checkpoint: Checkpoint,
     dtype: torch.dtype,
@@ -65,6 +61,8 @@ def build_model(
     args = full_args if shard is None else local_args(full_args, shard)
     if shard is not None and quantize is not None:
         raise CheckpointError("tensor parallelism loads float weights only: use quantize none")
+    if quantize == "auto" and torch.device(device).type == "cpu" and cpu.load() is None:
+        quantize = None  # without the CPU extension every packed matmul would dequantize: float is faster
     with torch.device("meta"):
         model = Transformer(args, init_embeddings=False)
     params = dict(model.named_parameters(remove_duplicate=False))
