@@ -10,11 +10,15 @@ MISTRAL7B_CPU_EXTENSION=0 turns it off (for A/B timing).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
+
+import torch
 
 _loaded: ModuleType | None = None
 _tried = False
@@ -43,3 +47,24 @@ def load(notice: bool = True) -> ModuleType | None:
     _loaded = module
     return module
 
+
+
+@contextlib.contextmanager
+def decode_threads() -> Iterator[None]:
+    """Within: ATen single-threaded, the extension's pool keeping torch's thread count. A decode step's heavy
+    ops are the extension's; what ATen still runs (argmax and the sampler over the logits, above ATen's
+    parallel grain for a large vocabulary) gains little from OpenMP and, with another process on the machine,
+    waits at OpenMP's barrier for a preempted thread: decoding on 2 threads beside a busy process ran at 82
+    tok/s against 104 on 1 thread, and at 98 with ATen single-threaded (bench/README.md)."""
+    ops = load(notice=False)
+    threads = torch.get_num_threads()
+    if ops is None or threads == 1:
+        yield
+        return
+    ops.set_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        ops.set_threads(0)

@@ -5,7 +5,9 @@
 // float32 does not round at all beyond float32 arithmetic.
 
 #include "ops.h"
+#include "threads.h"
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -13,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -173,6 +176,47 @@ at::Tensor silu_mul_t(const at::Tensor& gate_up) {
 }
 
 }  // namespace
+
+// torch.argmax(logits, -1) of float32 rows [R, V]: the first index of the largest value, or of the first NaN
+// where there is one (as torch's), rows split across the extension's threads. ATen's CPU argmax is a scalar
+// loop: 64 us for a 49,152-token vocabulary, against ~5 here.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "logits: float32 [rows, vocab], last dim contiguous");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "logits: an empty vocabulary");
+  auto out = at::empty({R}, logits.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* base = logits.data_ptr<float>();
+  using Vec = at::vec::Vectorized<float>;
+  parallel_for(R, [&](int64_t r) {
+    const float* x = base + r * logits.stride(0);
+    int64_t i = 0;
+    Vec best(-std::numeric_limits<float>::infinity());
+    bool nan = false;
+    for (; i + Vec::size() <= V; i += Vec::size()) {
+      const Vec v = Vec::loadu(x + i);
+      nan |= v.isnan().zero_mask() != (1 << Vec::size()) - 1;  // zero_mask: a bit for each lane that is 0
+      best = at::vec::maximum(best, v);
+    }
+    float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+    for (; i < V; ++i) {
+      nan |= std::isnan(x[i]);
+      m = std::max(m, x[i]);
+    }
+    int64_t j = 0;
+    if (!nan) {  // the first lane equal to the maximum, a vector at a time
+      const Vec target(m);
+      for (; j + Vec::size() <= V; j += Vec::size()) {
+        const int equal = ~(Vec::loadu(x + j) == target).zero_mask() & ((1 << Vec::size()) - 1);
+        if (equal) break;
+      }
+    }
+    while (j < V && !(nan ? std::isnan(x[j]) : x[j] == m)) ++j;
+    o[r] = j;
+  });
+  return out;
+}
 
 // RMSNorm of rows as F.rms_norm computes it on a CPU (ATen's composite, ~12 dispatched ops a call): x in
 // float32, its squares summed by ATen's own sum kernel (one call for all rows: its summation order is kept),

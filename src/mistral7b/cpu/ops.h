@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::
 at::Tensor rotate_store(const at::Tensor& qkv, const at::Tensor& freqs, at::Tensor& k_cache, at::Tensor& v_cache,
                         const at::Tensor& slots, int64_t n_heads);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor argmax_rows(const at::Tensor& logits);
 
 // quant.cpp
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

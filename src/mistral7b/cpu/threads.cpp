@@ -24,6 +24,12 @@ namespace detail {
 namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(200);  // how long an idle helper watches for the next job
+// A helper preempted while it holds a task (another process wants its core) makes the caller wait for that
+// task: when the wait for the helpers' tasks outlasts the caller's own share by kStall, the next kAlone jobs
+// run on the caller alone, then helpers are tried again. Quiet, helpers finish with the caller and this never
+// triggers.
+constexpr auto kStall = std::chrono::microseconds(20);
+constexpr int kAlone = 256;
 
 struct Job {  // fn(i) for i in [0, n) by `width` threads at most (the caller and helpers 1 .. width - 1)
   std::atomic<void (*)(void*, int64_t)> call{nullptr};
@@ -41,6 +47,8 @@ struct Pool {
   std::atomic<int64_t> done{0};
   std::atomic<int> sleepers{0};
   std::mutex busy;  // one job at a time
+  int alone = 0;    // jobs left to run on the caller alone after a stall (under `busy`)
+  std::atomic<int> threads{0};  // set_threads; 0: torch's (at::get_num_threads)
   std::mutex wake_mutex;
   std::condition_variable wake;
   std::vector<std::thread> helpers;
@@ -88,10 +96,12 @@ struct Pool {
   }
 
   void run(int64_t tasks, void (*fn)(void*, int64_t), void* context) {
-    const int threads = std::max(1, at::get_num_threads());
+    const int set = threads.load(std::memory_order_relaxed);
+    const int threads = std::max(1, set > 0 ? set : at::get_num_threads());
     std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
-    if (threads == 1 || tasks == 1 || !lock.owns_lock() || tasks >= (int64_t(1) << 32)) {
-      for (int64_t i = 0; i < tasks; ++i) fn(context, i);  // nested, concurrent or single-threaded: inline
+    if (threads == 1 || tasks == 1 || !lock.owns_lock() || tasks >= (int64_t(1) << 32) || alone > 0) {
+      if (lock.owns_lock() && alone > 0) --alone;
+      for (int64_t i = 0; i < tasks; ++i) fn(context, i);  // nested, concurrent, single-threaded or stalled
       return;
     }
     ensure_helpers(threads - 1);
@@ -109,8 +119,11 @@ struct Pool {
       std::lock_guard<std::mutex> guard(wake_mutex);
       wake.notify_all();
     }
+    const auto start = std::chrono::steady_clock::now();
     work(0);
+    const auto own = std::chrono::steady_clock::now();
     while (done.load(std::memory_order_acquire) < tasks) MISTRAL7B_PAUSE();  // the tasks helpers took
+    if (std::chrono::steady_clock::now() - own > (own - start) + kStall) alone = kAlone;
   }
 };
 
@@ -124,4 +137,6 @@ Pool& pool() {
 void run_tasks(int64_t n, void (*call)(void*, int64_t), void* ctx) { pool().run(n, call, ctx); }
 
 }  // namespace detail
+
+void set_threads(int n) { detail::pool().threads.store(n < 0 ? 0 : n, std::memory_order_relaxed); }
 }  // namespace mistral7b

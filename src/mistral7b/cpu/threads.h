@@ -2,10 +2,12 @@
 // helper threads, each taking the next task from an atomic counter. The caller takes tasks too and then waits
 // only for the tasks already taken: a helper that is not running (its core busy with another process) costs
 // nothing, where OpenMP's static split waits at its barrier for every thread's share (on a 2-core machine shared
-// with another process, PyTorch's 2 threads ran a small op 5x slower than 1). Helpers spin for a short while
+// with another process, PyTorch's 2 threads ran a small op 5x slower than 1). A helper preempted while it holds
+// a task still costs the caller a wait: after such a stall the caller runs the next jobs alone for a while
+// (threads.cpp). Helpers spin for a short while
 // after a job (decode steps call ~180 ops back to back; a wake-up from sleep costs more than a small op) and
-// then sleep. The number of threads follows torch.set_num_threads (at::get_num_threads). Used only by the
-// extension's own kernels; ATen's ops keep their OpenMP pool.
+// then sleep. The number of threads follows torch.set_num_threads (at::get_num_threads) unless set_threads
+// says otherwise. Used only by the extension's own kernels; ATen's ops keep their OpenMP pool.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +18,9 @@ namespace mistral7b {
 namespace detail {
 void run_tasks(int64_t n, void (*call)(void*, int64_t), void* ctx);
 }
+
+// The pool's threads: n > 0, or 0 to follow torch.set_num_threads (the default).
+void set_threads(int n);
 
 // fn(i) for every i in [0, n), in any order, across threads; returns when all are done. A call made while the
 // pool runs another job (from another thread, or nested) runs its tasks inline.
