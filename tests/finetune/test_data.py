@@ -86,7 +86,21 @@ def test_packing_restarts_positions_and_matches_separate_losses(tiny_mistral, ch
             tgt = torch.where(torch.tensor([e.mask[1:]]), ids[:, 1:], IGNORE)
             alone += torch.nn.functional.cross_entropy(lg[0], tgt[0], ignore_index=IGNORE, reduction="sum")
     assert abs(float(packed) - float(alone)) < 1e-4 * float(alone)
-    assert b["positions"][0].tolist().count(0) == 3 and b["positions"][0, -1] == -1
+    assert b["positions"][0].tolist().count(0) == 3
+    assert rows[0].positions[-1] == -1 and b["positions"][0, -1] >= 0  # packed rows pad; collate cuts padding
+
+
+def test_collate_cuts_padding_rows_and_columns():
+    from mistral7b.finetune.data import Row
+    from mistral7b.finetune.schedule import empty_row
+
+    full = Row([5, 6, 7, 0], [6, 7, IGNORE, IGNORE], [0, 1, 2, -1], [0, 0, 0, -1])
+    short = Row([8, 9, 0, 0], [9, IGNORE, IGNORE, IGNORE], [0, 1, -1, -1], [1, 1, -1, -1])
+    b = collate([short, empty_row(4), full, empty_row(4)])
+    assert b["tokens"].tolist() == [[8, 9, 0], [5, 6, 7]]  # empty rows out, 3 columns: the longest row's
+    assert b["positions"].tolist() == [[0, 1, -1], [0, 1, 2]]
+    only_empty = collate([empty_row(4), empty_row(4)])
+    assert only_empty["tokens"].shape == (1, 1) and only_empty["targets"].tolist() == [[IGNORE]]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -110,3 +124,28 @@ def test_chat_longer_than_a_row_is_an_error(tiny_mistral, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [chat("Alice")])
     with pytest.raises(DataError, match="line 1: the chat has .* tokens, more than --seq-len 8"):
         read_jsonl(path, _tok(tiny_mistral), 8)
+
+
+def test_the_loss_at_loss_positions_is_the_loss_over_all_logits(tiny_mistral, chats):
+    """The trainer computes logits at loss positions only: the same sum of cross-entropy (and gradients) as
+    the full logits with ignored positions."""
+    from mistral7b.finetune.trainer import _token_loss
+
+    tok = _tok(tiny_mistral)
+    examples, _ = read_jsonl(chats, tok, 64)
+    b = collate(pack(examples[:5], 96))
+    model = load_ours(tiny_mistral)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss, n = _token_loss(model, b, torch.device("cpu"), autocast=False)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(b["tokens"], b["positions"], segment_ids=b["segments"])
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE,
+                                             reduction="sum")
+    full.backward()
+    assert n == int((b["targets"] != IGNORE).sum()) > 0
+    assert abs(float(loss) - float(full)) < 1e-5 * float(full)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6)

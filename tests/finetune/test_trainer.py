@@ -109,3 +109,18 @@ def test_bad_data_and_options_are_one_line_errors(tiny_mistral, tmp_path):
     p = _cli("--model", tiny_mistral, "--data", bad, "--out", str(tmp_path / "o"), "--quiet", "--skip-bad",
              "--max-steps", "1", "--seq-len", "64", "--batch-tokens", "64")
     assert p.returncode == 0 and "skipped 1 bad record(s)" in p.stderr, p.stderr
+
+
+def test_activation_checkpointing_only_where_memory_asks_for_it(monkeypatch):
+    """Recomputing blocks in backward costs a forward: on by default only when a micro-batch's activations
+    would take more than a quarter of the free memory."""
+    from mistral7b.config import PRESETS, ModelArgs
+    from mistral7b.finetune import trainer
+
+    monkeypatch.setattr(trainer, "available_memory", lambda device: 24 << 30)
+    cpu = torch.device("cpu")
+    smol = ModelArgs(dim=576, n_layers=30, head_dim=64, hidden_dim=1536, n_heads=9, n_kv_heads=3, norm_eps=1e-5,
+                     vocab_size=49152)
+    assert not trainer.needs_checkpointing(smol, 806, torch.float32, False, cpu)  # 20 short chats: ~1.2 GB
+    assert trainer.needs_checkpointing(smol, 4096 * 2, torch.float32, True, cpu)
+    assert trainer.needs_checkpointing(PRESETS["mistral-7b-v0.1"], 4096, torch.bfloat16, False, cpu)

@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (their count is printed)")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward to save memory (default: when a micro-batch's "
+                        "activations would take more than a quarter of the free memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: each rank takes its local GPU)")
     p.add_argument("--sliding-window", type=_window, default="keep")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

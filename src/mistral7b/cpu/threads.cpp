@@ -104,6 +104,7 @@ struct Pool {
       for (int64_t i = 0; i < tasks; ++i) fn(context, i);  // nested, concurrent, single-threaded or stalled
       return;
     }
+    const bool fresh = static_cast<int>(helpers.size()) < threads - 1;  // new helpers are still starting
     ensure_helpers(threads - 1);
     const uint32_t id = job_id(state.load(std::memory_order_acquire)) + 1;
     Job& job = jobs[id % 2];
@@ -123,7 +124,7 @@ struct Pool {
     work(0);
     const auto own = std::chrono::steady_clock::now();
     while (done.load(std::memory_order_acquire) < tasks) MISTRAL7B_PAUSE();  // the tasks helpers took
-    if (std::chrono::steady_clock::now() - own > (own - start) + kStall) alone = kAlone;
+    if (!fresh && std::chrono::steady_clock::now() - own > (own - start) + kStall) alone = kAlone;
   }
 };
 

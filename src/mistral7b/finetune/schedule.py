@@ -27,37 +27,34 @@ def empty_row(seq_len: int) -> Row:
 
 
 class RowStream:
-    """Epoch after epoch of packed rows; step s takes rows [s*G, (s+1)*G) of the stream."""
+    """Epoch after epoch of packed rows, each epoch cut into steps of G rows (its last step takes what is left):
+    a step never mixes epochs, as Hugging Face's Trainer's never does. A dataset smaller than a step (20 short
+    chats: one row of ~800 tokens) is one step of one row an epoch, not the same rows G times in one step."""
 
     def __init__(self, examples: Sequence[Example], seq_len: int, seed: int, rows_per_step: int, epochs: int,
                  max_steps: int | None):
         self.examples, self.seq_len, self.seed, self.G = examples, seq_len, seed, rows_per_step
         self._epochs: list[list[Row]] = []
+        self.epochs = None if max_steps is not None else epochs  # None: as many as max_steps takes
         if max_steps is not None:
             self.total_steps = max_steps
         else:
-            rows = sum(len(self._epoch(e)) for e in range(epochs))
-            self.total_steps = math.ceil(rows / rows_per_step)
-        self.stream_len = None if max_steps is not None else sum(len(self._epoch(e)) for e in range(epochs))
+            self.total_steps = sum(self._steps_in(e) for e in range(epochs))
 
     def _epoch(self, e: int) -> list[Row]:
         while len(self._epochs) <= e:
             self._epochs.append(epoch_rows(self.examples, self.seq_len, self.seed, len(self._epochs)))
         return self._epochs[e]
 
+    def _steps_in(self, e: int) -> int:
+        return max(1, math.ceil(len(self._epoch(e)) / self.G))
+
     def rows(self, step: int) -> tuple[list[Row], int]:
-        """(rows of `step`, epoch the step starts in)."""
-        lo, hi = step * self.G, (step + 1) * self.G
-        if self.stream_len is not None:
-            hi = min(hi, self.stream_len)
-        out: list[Row] = []
-        start, e, first_epoch = 0, 0, None
-        while start < hi:
-            ep = self._epoch(e)
-            a, b = max(lo, start), min(hi, start + len(ep))
-            if a < b:
-                first_epoch = e if first_epoch is None else first_epoch
-                out.extend(ep[a - start : b - start])
-            start += len(ep)
+        """(rows of `step`, the epoch it belongs to); no rows past the last epoch."""
+        e = 0
+        while step >= self._steps_in(e):
+            step -= self._steps_in(e)
             e += 1
-        return out, first_epoch or 0
+            if self.epochs is not None and e >= self.epochs:
+                return [], e
+        return self._epoch(e)[step * self.G : (step + 1) * self.G], e

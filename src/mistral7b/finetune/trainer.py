@@ -57,7 +57,7 @@ class TrainConfig:
     save_every: int = 100
     resume: bool = False
     skip_bad: bool = False
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool | None = None  # None: when activations would not fit (needs_checkpointing)
     device: str = "cpu"
     sliding_window: int | None | str = "keep"
     progress: bool = True
@@ -74,6 +74,28 @@ class TrainConfig:
             raise ValueError("--lr and --clip must be positive and --warmup non-negative")
 
 
+def available_memory(device: torch.device) -> int:
+    """Free bytes for activations: the GPU's free memory, or the machine's available memory (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def needs_checkpointing(args, tokens: int, dtype: torch.dtype, full: bool, device: torch.device) -> bool:
+    """Whether a micro-batch of `tokens` keeps too many activations for backward: more than a quarter of the
+    free memory. Per token a block keeps ~12 vectors of the model width and ~4 of the hidden width (norms, q/k/v,
+    attention output, residuals, gate/up/product); full training adds as much again for its larger graph.
+    Recomputing each block in backward costs a forward (30% of a CPU step of the embedded model), so it is on
+    only where memory asks for it: 20 short chats (~800 tokens) on the embedded model keep ~1.2 GB; a 7B model's
+    4,096-token micro-batch ~26 GB."""
+    bytes_per_token = args.n_layers * (12 * args.dim + 4 * args.hidden_dim) * torch.empty(0, dtype=dtype).element_size()
+    return tokens * bytes_per_token * (2 if full else 1) > available_memory(device) // 4
+
+
 def _checkpoint_blocks(model: torch.nn.Module) -> None:
     """Recompute each transformer block in backward (names and state dict unchanged)."""
     for block in model.layers:
@@ -81,12 +103,16 @@ def _checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def _token_loss(model, batch: dict[str, torch.Tensor], device: torch.device, autocast: bool) -> tuple[torch.Tensor, int]:
-    """(sum of cross-entropy over loss tokens, number of loss tokens) of one micro-batch."""
+    """(sum of cross-entropy over loss tokens, number of loss tokens) of one micro-batch. Logits are computed at
+    the loss positions only (logits_index): a chat's loss is on its answers, and the output matmul and the
+    [tokens, vocab] float logits of every prompt and padding position were most of a CPU step's time and memory."""
     b = {k: v.to(device) for k, v in batch.items()}
+    targets = b["targets"].flatten()
+    index = (targets != IGNORE).nonzero()[:, 0]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(b["tokens"], b["positions"], segment_ids=b["segments"])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((b["targets"] != IGNORE).sum())
+        logits = model(b["tokens"], b["positions"], segment_ids=b["segments"], logits_index=index)
+    loss = F.cross_entropy(logits.float(), targets[index], reduction="sum")
+    return loss, int(index.numel())
 
 
 class Trainer:
@@ -115,7 +141,11 @@ class Trainer:
         else:
             lora.apply_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         self.model.train()
-        if cfg.activation_checkpointing:
+        checkpointing = cfg.activation_checkpointing
+        if checkpointing is None:
+            tokens = min(cfg.batch_tokens, sum(len(e.ids) for e in self.examples))  # a micro-batch at most
+            checkpointing = needs_checkpointing(self.model.args, tokens, base_dtype, cfg.full, self.device)
+        if checkpointing:
             _checkpoint_blocks(self.model)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         # PyTorch's default implementation: one tensor at a time on a CPU, batched (foreach) kernels on a GPU,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.config import ModelArgs
-from mistral7b.model.attention import AttentionMetadata, dense_attention
+from mistral7b.model.attention import AttentionMetadata, attend_without_cache
 from mistral7b.model.rope import apply_rotary, inv_frequencies, rotary_freqs
 
 
@@ -67,7 +67,7 @@ class Attention(nn.Module):
             q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs)
             k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs)
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        out = dense_attention(q, k, v, meta.mask) if cache is None else cache.attend(layer, q, k, v, meta)
+        out = attend_without_cache(q, k, v, meta) if cache is None else cache.attend(layer, q, k, v, meta)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
     def forward_native(self, x: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: Any, layer: int) -> torch.Tensor:
