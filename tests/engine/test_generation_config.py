@@ -49,7 +49,7 @@ def test_a_bad_value_is_one_clear_error(tmp_path, config):
     with pytest.raises(CheckpointError, match="generation_config.json: "):
         generation_config.from_folder(str(tmp_path))
     (tmp_path / "generation_config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not readable JSON"):
+    with pytest.raises(CheckpointError, match="not valid JSON"):
         generation_config.from_folder(str(tmp_path))
 
 

@@ -14,11 +14,11 @@ use them; `--generation-config none` (server) asks for OpenAI's neutral defaults
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mistral7b.config import read_json
 from mistral7b.errors import CheckpointError
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -74,13 +74,7 @@ def from_folder(folder: str) -> SamplingDefaults | None:
     path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    config = read_json(path)
     found = {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
     return _checked(found, "generation_config.json") if found else None
 

@@ -11,13 +11,13 @@ content, the text is instead cut at the template's own special tokens and the re
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tokenizers
 
+from mistral7b.config import read_json
 from mistral7b.errors import CheckpointError, RequestError
 from mistral7b.tokenizer.base import Tokenizer, check_messages
 from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials
@@ -104,17 +104,6 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _template_source(folder: str, config: dict[str, Any]) -> str | None:
     jinja_file = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja_file):
@@ -135,7 +124,7 @@ def load_hf_folder(folder: str) -> TokenizersTokenizer:
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
         raise CheckpointError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
     config_path = os.path.join(folder, "tokenizer_config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
     bos = _token_text(config.get("bos_token"))
     eos = _token_text(config.get("eos_token"))
     add_bos = config.get("add_bos_token")
@@ -144,7 +133,7 @@ def load_hf_folder(folder: str) -> TokenizersTokenizer:
     extra_eos: list[int] = []
     gen_path = os.path.join(folder, "generation_config.json")
     if os.path.isfile(gen_path):
-        value = _read_json(gen_path).get("eos_token_id")
+        value = read_json(gen_path).get("eos_token_id")
         extra_eos = [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
     source = _template_source(folder, config)
     template = ChatTemplate(source, f"{folder}: chat template") if source else None
