@@ -41,5 +41,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, nogil(),
         "x @ (q * scale).T for int8 weights with a float16 scale per block of 32 (GGUF Q8_0)", py::arg("x"),
         py::arg("weight"), py::arg("scales"));
+  py::class_<DecodeStack>(m, "DecodeStack", "a decode step's transformer blocks in one call (blocks.cpp)")
+      .def(py::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<std::vector<int64_t>>&, int64_t,
+                    int64_t, int64_t, double, std::vector<int64_t>>(),
+           py::arg("tensors"), py::arg("kinds"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
+           py::arg("eps"), py::arg("dense_rows"))
+      .def("forward", &DecodeStack::forward, nogil(), py::arg("h"), py::arg("k_caches"), py::arg("v_caches"),
+           py::arg("freqs"), py::arg("slots"), py::arg("block_tables"), py::arg("first_blocks"),
+           py::arg("seq_lens"), py::arg("window"));
   m.def("set_threads", &set_threads, "the thread pool's threads (0: follow torch.set_num_threads)", py::arg("n"));
 }

@@ -7,7 +7,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Optional.h>
 
+#include <memory>
 #include <tuple>
+#include <vector>
 
 namespace mistral7b {
 
@@ -33,5 +35,24 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                            at::ScalarType dtype);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
+
+// blocks.cpp: a decode step's transformer blocks in one call, built once per model
+class DecodeStack {
+ public:
+  // per layer: tensors [attention_norm, ffn_norm, then each projection's], kinds [wqkv, wo, w13, w2] (0: float
+  // weight; 1: int4 qweight, scales, mins; 2: int8 weight, scales); from `dense_rows` rows on, quantized
+  // projections dequantize and run a dense matmul (model/quantize.py's thresholds: [int4, int8])
+  DecodeStack(const std::vector<std::vector<at::Tensor>>& tensors, const std::vector<std::vector<int64_t>>& kinds,
+              int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, std::vector<int64_t> dense_rows);
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& h, const std::vector<at::Tensor>& k_caches,
+                                             const std::vector<at::Tensor>& v_caches, const at::Tensor& freqs,
+                                             const at::Tensor& slots, const at::Tensor& block_tables,
+                                             const at::Tensor& first_blocks, const at::Tensor& seq_lens,
+                                             int64_t window) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
 
 }  // namespace mistral7b

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral7b import kernels
-from mistral7b import cpu
+from mistral7b import cpu, kernels
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
 from mistral7b.cache.upload import upload
@@ -29,6 +28,7 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence
 from mistral7b.errors import RequestError
+from mistral7b.model import cpu_decode
 from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
 
@@ -129,6 +129,8 @@ class LLMEngine:
         if channel is not None:  # tensor parallelism: the workers build the same cache and graphs now
             channel.send(("setup", config, num_blocks))
         self.runner = build_runner(model, config, num_blocks, channel)
+        cpu_decode.prepare(model)  # the decode path, chosen once for the model as loaded
+        self._pool_decode = self.runner.device.type == "cpu" and cpu_decode.quantized(model)
         self.cache = self.runner.cache
         self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
@@ -225,7 +227,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        if self.runner.device.type == "cpu" and all(n == 1 for _, n in batch):
+        if self._pool_decode and all(n == 1 for _, n in batch):  # the extension's kernels do the matmuls
             with cpu.decode_threads():
                 return self._step(batch)
         return self._step(batch)

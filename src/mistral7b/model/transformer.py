@@ -128,6 +128,7 @@ class Transformer(nn.Module):
         if args.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq: torch.Tensor | None = None
+        self.decode_stack: Any = None  # the extension's blocks for CPU decode steps (model/cpu_decode.prepare)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -198,6 +199,13 @@ class Transformer(nn.Module):
         the results equal the plain loop's."""
         residual, delta = h.contiguous(), None
         native_cache = getattr(cache, "native", None) is not None and h.shape[0] == 1
+        stack = self.decode_stack
+        if stack is not None and native_cache and len(meta.groups) == 1 and meta.groups[0].native is not None:
+            n = meta.groups[0].native  # a decode-only step: every block in one call, the same ops and bits
+            residual, delta = stack.forward(residual[0], cache.k, cache.v,
+                                            torch.view_as_real(freqs).reshape(h.shape[1], -1, 2), meta.slot_mapping,
+                                            n.block_tables, n.first_blocks, n.seq_lens, cache.window or 0)
+            return self._logits(residual[None], delta[None], logits_index, ops.add_rms_norm, self.output)
         for i, layer in enumerate(self.layers):
             # A decode step's hot loop: modules come from their dicts and run through forward (nn.Module's
             # __getattr__ and __call__ cost ~0.7 and ~2.5 us, ~12 and ~5 a layer on the 2-core machine); no hooks.
