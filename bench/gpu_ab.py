@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from mistral7b.cache import paged  # noqa: E402
 from mistral7b.config import ModelArgs  # noqa: E402
-from mistral7b.engine import cuda_graphs, llm_engine  # noqa: E402
+from mistral7b.engine import cuda_graphs, sampler  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 from mistral7b.kernels import gemv, paged_attention  # noqa: E402
@@ -65,7 +65,7 @@ SPLITS = paged.MAX_SPLITS
 
 OUTPUT_TILE = gemv.CONFIGS[(32000, 4096)]
 OUTPUT_TILE_BEFORE = (4, 1024, 8, 3)  # swept before the final norm was folded into the output's GEMV
-KERNEL_ARGMAX = llm_engine._greedy
+KERNEL_ARGMAX = sampler._greedy
 
 
 def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = Tr
     paged_attention.DECODE_WARPS = warps
     paged_attention.KV_BEFORE_WAIT = kv_before_wait
     gemv.CONFIGS[(32000, 4096)] = output_tile
-    llm_engine._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
+    sampler._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
     cuda_graphs.ZERO_COPY = zero_copy
 
 

@@ -106,7 +106,7 @@ def report(events: list[dict], n_layers: int) -> None:
 def step_ends(engine: LLMEngine, ids: list[int], steps: int) -> None:
     """Period of a batch-1 step without the profiler: the graph alone (+ the argmax kernel after it on the path
     with copies), and the engine's own step."""
-    from mistral7b.engine.llm_engine import _greedy
+    from mistral7b.engine.sampler import _greedy
 
     engine.add_request("ends", ids, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
     for _ in range(8):  # pre-fill and the first decode steps: the graph's inputs now hold a decode step's

@@ -1,6 +1,6 @@
 """Async scheduling (EngineConfig.async_scheduling): greedy decode steps launched one step ahead of reading the
 previous picks back. Same tokens and log-probabilities as the core path; sequences that finish (length, stop
-token), are aborted, or arrive while a step is in flight are handled; sampled requests fall back; prefix-cache
+token), are aborted, or arrive while a step is in flight are handled; sampled requests run ahead too; prefix-cache
 commits stay exact; every block returns to the pool."""
 
 from __future__ import annotations
@@ -65,12 +65,26 @@ def test_stop_token_abort_and_late_arrival(model):
     assert e.blocks.usage == 0.0
 
 
-def test_sampled_requests_fall_back_and_match_the_synchronous_engine(model):
-    prompts = make_prompts([4, 9], seed=8)
-    params = [SamplingParams(max_tokens=12, temperature=0.9, seed=11, logprobs=True), greedy(12)]
+def test_sampled_requests_run_ahead_and_match_the_synchronous_engine(model):
+    """The batched sampler draws on the device with no read-back: seeded, penalised, min_tokens and
+    top_logprobs rows run ahead like greedy ones, with the synchronous engine's tokens and log-probabilities."""
+    prompts = make_prompts([4, 9, 6], seed=8)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, seed=11, logprobs=True),
+              SamplingParams(max_tokens=10, temperature=0.7, top_k=5, top_p=0.9, seed=3, repetition_penalty=1.3,
+                             frequency_penalty=0.5, min_tokens=6, stop_token_ids=[1, 2], top_logprobs=2),
+              greedy(12)]
     sync = run(engine(model, async_scheduling=False), prompts, params)
-    asyn = run(engine(model), prompts, params)
-    assert sync == asyn
+    e = engine(model)
+    launched = []
+    real_launch = e._launch_picks
+    e._launch_picks = lambda seqs, *a: launched.append(len(seqs)) or real_launch(seqs, *a)
+    asyn = run(e, prompts, params)
+    for i in sync:  # tokens exactly; log-probabilities to float rounding (a step run ahead may hold a finished
+        (tokens, logprobs), = sync[i]  # row, and float32 matmuls round differently by batch size)
+        (got, got_logprobs), = asyn[i]
+        assert got == tokens and got_logprobs == pytest.approx(logprobs, abs=1e-5)
+    assert len(launched) >= 8 and e._pending is None
+    assert len(e.sampler.free) == len(e.sampler.owner) and not +e.sampler.uses and not e.sampler.top_ks  # all back
 
 
 def test_prefix_cache_commits_stay_exact(model):

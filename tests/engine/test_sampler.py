@@ -1,71 +1,167 @@
-"""The sampler's logits processing against Hugging Face's logits processors (the oracle), and its draws."""
+"""The batched sampler (engine/sampler.py) against Hugging Face's logits processors and warpers (the oracle): every
+filter keeps exactly the tokens the oracle keeps and draws them with its probabilities (many draws, within
+statistical bounds), rows of every kind in one batch as alone, greedy rows exact, seeded rows the same alone and
+in any batch, penalties, bias and bans as OpenAI / vLLM define them, slots reused without leftovers."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from mistral7b.engine.sampler import apply_presence_frequency, apply_repetition_penalty, filter_logits, sample_token
+from mistral7b.engine.sampler import Sampler
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.errors import RequestError
 
 transformers = pytest.importorskip("transformers")
+VOCAB = 50
 
 
-def logits_row(seed: int = 0, vocab: int = 50) -> torch.Tensor:
+def logits_row(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def test_repetition_penalty_matches_hf():
-    logits = logits_row()
-    seen = torch.tensor([1, 5, 5, 7, 20])
-    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())[0]
-    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), ref)
+def sampler_for(params: list[SamplingParams], prompt=(), output=(), banned=(), seed=0) -> tuple[Sampler, torch.Tensor]:
+    s = Sampler(len(params), VOCAB, "cpu", seed=seed)
+    slots = [s.admit(i, p, list(prompt), list(output), list(banned)) for i, p in enumerate(params)]
+    return s, torch.tensor(slots)
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.1), (10, 0.9, 0.05)])
-def test_filters_keep_the_same_tokens_as_hf(top_k, top_p, min_p):
+def hf_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The oracle: temperature, then HF's top-k, top-p and min-p warpers in vLLM's order, softmax."""
+    x = logits[None] / p.temperature
+    if p.top_k:
+        x = transformers.TopKLogitsWarper(p.top_k)(None, x)
+    if p.top_p < 1.0:
+        x = transformers.TopPLogitsWarper(p.top_p)(None, x)
+    if p.min_p:
+        x = transformers.MinPLogitsWarper(p.min_p)(None, x)
+    return x[0].softmax(-1)
+
+
+def draws(logits: torch.Tensor, p: SamplingParams, n: int = 6000, candidates: str = "topk") -> torch.Tensor:
+    s, slots = sampler_for([p] * n)
+    return s.sample(logits.expand(n, -1).contiguous(), slots, candidates=candidates).tokens
+
+
+def assert_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    n = len(tokens)
+    freq = torch.bincount(tokens, minlength=len(probs)).double() / n
+    assert set(tokens.tolist()) <= set((probs > 0).nonzero()[:, 0].tolist())  # only allowed tokens, ever
+    bound = 5 * torch.sqrt(probs.double() * (1 - probs.double()) / n) + 1e-3
+    assert ((freq - probs.double()).abs() <= bound).all(), (freq, probs)
+
+
+KINDS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),  # top-p without top-k: the sorted vocabulary
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.9, top_k=10, top_p=0.7, min_p=0.05),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's defaults
+]
+
+
+@pytest.mark.parametrize("p", KINDS)
+@pytest.mark.parametrize("candidates", ["topk", "sort"])
+def test_each_kind_draws_the_oracles_distribution(p, candidates):
     logits = logits_row(1)
-    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
-    ref = logits[None] / 0.8
-    if top_k:
-        ref = transformers.TopKLogitsWarper(top_k)(None, ref)
-    if top_p < 1.0:
-        ref = transformers.TopPLogitsWarper(top_p)(None, ref)
-    if min_p:
-        ref = transformers.MinPLogitsWarper(min_p)(None, ref)
-    got = filter_logits(logits, params)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(ref[0]))
-    assert torch.allclose(got[torch.isfinite(got)], ref[0][torch.isfinite(ref[0])])
+    assert_distribution(draws(logits, p, candidates=candidates), hf_probs(logits, p))
 
 
-def test_greedy_and_raw_logprob():
+def test_every_kind_in_one_batch_as_alone():
+    """Rows of all kinds (and greedy ones) together: each row's draws follow its own oracle."""
     logits = logits_row(2)
-    sample = sample_token(logits, SamplingParams(temperature=0, logprobs=True))
-    assert sample.token == int(logits.argmax())
-    assert sample.logprob == pytest.approx(float(logits.log_softmax(-1).max()))
+    kinds = KINDS + [SamplingParams(temperature=0)]
+    n = 3000
+    params = [p for p in kinds for _ in range(n)]
+    s, slots = sampler_for(params)
+    tokens = s.sample(logits.expand(len(params), -1).contiguous(), slots).tokens
+    for i, p in enumerate(kinds):
+        got = tokens[i * n : (i + 1) * n]
+        if p.greedy:
+            assert (got == logits.argmax()).all()
+        else:
+            assert_distribution(got, hf_probs(logits, p))
 
 
-def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    params = SamplingParams(temperature=1.0, seed=7)
-
-    def draws(seed: int, n: int = 3000) -> list[int]:
-        g = torch.Generator().manual_seed(seed)
-        return [sample_token(logits, params, generator=g).token for _ in range(n)]
-
-    first = draws(7)
-    assert first == draws(7)
-    assert first != draws(8)
-    freq = torch.bincount(torch.tensor(first), minlength=3).float() / len(first)
-    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+def test_greedy_rows_are_the_exact_argmax():
+    logits = torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(3))
+    s, slots = sampler_for([SamplingParams(temperature=0), SamplingParams(temperature=2.0, top_k=1)] * 32)
+    assert torch.equal(s.sample(logits, slots).tokens, logits.argmax(-1))
 
 
-def test_top_k_one_is_greedy_even_with_temperature():
-    logits = logits_row(3)
-    g = torch.Generator().manual_seed(0)
-    sample = sample_token(logits, SamplingParams(temperature=2.0, top_k=1), generator=g)
-    assert sample.token == int(logits.argmax())
+def test_a_seeded_row_draws_the_same_alone_and_in_any_batch():
+    logits = logits_row(4)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+
+    def run(batch_params: list[SamplingParams], row: int, steps: int = 20) -> list[int]:
+        s, slots = sampler_for(batch_params, seed=123)
+        gen = torch.Generator().manual_seed(11)
+        out = []
+        for _ in range(steps):
+            tokens = s.sample(logits.expand(len(batch_params), -1).contiguous(), slots, seeded=[(row, gen)]).tokens
+            out.append(int(tokens[row]))
+        return out
+
+    alone = run([seeded], 0)
+    assert alone == run([SamplingParams(temperature=1.0), seeded, SamplingParams(temperature=0)], 1)
+    assert alone == run([seeded, SamplingParams(temperature=0.5, top_k=3)] + [SamplingParams()] * 5, 0)
+    assert len(set(alone)) > 1  # a real draw, not a constant
+
+
+def test_repetition_penalty_matches_hf():
+    logits = logits_row(6)
+    prompt = torch.topk(logits, 3).indices.tolist()  # the three best tokens were seen
+    ref = transformers.RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([prompt]), logits[None].clone())[0]
+    s, slots = sampler_for([SamplingParams(temperature=0, repetition_penalty=2.0)], prompt=prompt)
+    assert s.penalized(logits[None], slots)[0].allclose(ref)
+    assert int(s.sample(logits[None], slots).tokens) == int(ref.argmax())
+
+
+def test_presence_and_frequency_penalties_follow_openai_and_count_draws():
+    logits = logits_row(4)
+    logits[3] = logits.max() + 4.0  # the best token, by a margin the penalties remove
+    output = [3, 3, 3, 9]
+    want = logits.clone()
+    want[3] -= 0.5 + 1.5 * 3
+    want[9] -= 0.5 + 1.5 * 1
+    s, slots = sampler_for([SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=1.5)],
+                           output=output)
+    assert torch.allclose(s.penalized(logits[None], slots)[0], want)
+    first = int(s.sample(logits[None], slots).tokens)
+    assert first == int(want.argmax()) and first != 3
+    want[first] -= 0.5 + 1.5  # the draw is counted on the device for the next step
+    assert torch.allclose(s.penalized(logits[None], slots)[0], want)
+
+
+def test_logit_bias_bans_until_min_tokens_and_raw_top_logprobs():
+    logits = logits_row(5)
+    best, second = logits.topk(2).indices.tolist()
+    params = [SamplingParams(temperature=0, logit_bias={best: -100.0}), SamplingParams(temperature=0, logit_bias={7: 100.0}),
+              SamplingParams(temperature=0, min_tokens=2, logprobs=True, top_logprobs=3), SamplingParams(temperature=0)]
+    s, slots = sampler_for(params, banned=[best])
+    out = s.sample(logits.expand(4, -1).contiguous(), slots, logprobs=True, top_logprobs=3)
+    assert out.tokens.tolist() == [second, 7, second, best]
+    ref = logits.log_softmax(-1).topk(3)
+    assert out.top_ids[2].tolist() == ref.indices.tolist() and torch.allclose(out.top_logprobs[2], ref.values)
+    assert float(out.logprobs[2]) == pytest.approx(float(logits.log_softmax(-1)[second]))  # raw: the ban is not in it
+    assert int(s.sample(logits.expand(4, -1).contiguous(), slots).tokens[2]) == second  # second token: still banned
+    assert int(s.sample(logits.expand(4, -1).contiguous(), slots).tokens[2]) == best  # min_tokens reached
+
+
+def test_a_reused_slot_keeps_nothing_of_its_last_owner():
+    logits = logits_row(7)
+    s = Sampler(1, VOCAB, "cpu", seed=0)
+    heavy = SamplingParams(temperature=0, logit_bias={int(logits.argmax()): -100.0}, repetition_penalty=3.0,
+                           min_tokens=5)
+    slot = s.admit("a", heavy, [1, 2], [int(logits.argmax())], [int(logits.argmax())])
+    s.sample(logits[None], torch.tensor([slot]))
+    s.release(slot, heavy)
+    slot = s.admit("b", SamplingParams(temperature=0), [], [], [])
+    assert int(s.sample(logits[None], torch.tensor([slot])).tokens) == int(logits.argmax())
+    assert not s.uses["bias"] and not s.uses["penalty"] and not s.uses["ban"]
 
 
 @pytest.mark.parametrize(
@@ -79,43 +175,6 @@ def test_bad_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
-def test_presence_and_frequency_penalties_follow_openai_formula():
-    logits = logits_row(4)
-    logits[3] = logits.max() + 4.0  # the best token, by a margin the penalties remove
-    output = [3, 3, 3, 9]
-    want = logits.clone()
-    want[3] -= 0.5 + 1.5 * 3
-    want[9] -= 0.5 + 1.5 * 1
-    assert torch.allclose(apply_presence_frequency(logits, output, 0.5, 1.5), want)
-    got = sample_token(logits, SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=1.5),
-                       output=output)
-    assert got.token == int(want.argmax()) and got.token != 3
-
-
-def test_logit_bias_bans_and_top_logprobs():
-    logits = logits_row(5)
-    best = int(logits.argmax())
-    biased = sample_token(logits, SamplingParams(temperature=0, logit_bias={best: -100.0}))
-    assert biased.token != best and biased.token == int(logits.topk(2).indices[1])
-    forced = sample_token(logits, SamplingParams(temperature=0, logit_bias={7: 100.0}))
-    assert forced.token == 7
-    banned = sample_token(logits, SamplingParams(temperature=0), banned=[best])
-    assert banned.token == int(logits.topk(2).indices[1])
-    top = sample_token(logits, SamplingParams(temperature=0, logprobs=True, top_logprobs=3))
-    ref = logits.log_softmax(-1).topk(3)
-    assert [t for t, _ in top.top] == ref.indices.tolist()
-    assert [lp for _, lp in top.top] == pytest.approx(ref.values.tolist())
-    assert top.logprob == pytest.approx(float(ref.values[0]))  # raw: the bias/ban never changes logprobs
-
-
-def test_repetition_penalty_through_sample_token_matches_hf_greedy():
-    logits = logits_row(6)
-    context = torch.topk(logits, 3).indices.tolist()  # the three best tokens were seen
-    ref = transformers.RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([context]), logits[None].clone())[0]
-    got = sample_token(logits, SamplingParams(temperature=0, repetition_penalty=2.0), context=context)
-    assert got.token == int(ref.argmax())
-
-
 @pytest.mark.parametrize(
     "field,value",
     [("n", 0), ("n", 129), ("presence_penalty", 2.5), ("frequency_penalty", float("nan")), ("top_logprobs", 21),
@@ -124,3 +183,13 @@ def test_repetition_penalty_through_sample_token_matches_hf_greedy():
 def test_bad_serving_params_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_statistical_bound_is_not_vacuous():
+    """The distribution check fails a sampler that draws from the wrong distribution."""
+    logits = logits_row(1)
+    p = SamplingParams(temperature=1.0, top_k=5)
+    wrong = hf_probs(logits, SamplingParams(temperature=1.0, top_k=6))
+    with pytest.raises(AssertionError):
+        assert_distribution(draws(logits, p), wrong)
+    assert math.isfinite(float(hf_probs(logits, p).sum()))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral7b import cpu, kernels
+from mistral7b import cpu
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
 from mistral7b.cache.upload import upload
@@ -23,10 +23,10 @@ from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.model_runner import ModelRunner, StepInput
 from mistral7b.engine.outputs import StreamEvent
-from mistral7b.engine.sampler import Sample, sample_token, top_logprobs
+from mistral7b.engine.sampler import Sampler, SamplerOutput
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
-from mistral7b.engine.sequence import Sequence
+from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
 from mistral7b.model import cpu_decode
 from mistral7b.model.transformer import Transformer
@@ -73,27 +73,38 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits.index_select(0, upload(rows, logits.device, torch.long))
 
 
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    """logits [n, vocab].argmax(-1): on a GPU through kernels/argmax (a third of PyTorch's time at batch 1), on
-    a CPU through the extension's (ATen's is a scalar loop: 64 us a row of 49,152)."""
-    if logits.device.type == "cuda" and kernels.available():
-        from mistral7b.kernels.argmax import greedy_picks
+@dataclass
+class Sample:
+    """One sequence's draw, on the host."""
 
-        return greedy_picks(logits)
-    ops = cpu.load(notice=False) if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
-    if ops is not None and ops.CAPABILITY != "DEFAULT" and logits.numel():  # the portable build is scalar too
-        return ops.argmax_rows(logits)
-    return logits.argmax(-1)
+    token: int
+    logprob: float | None = None  # raw log-probability of `token`, when the request asks for logprobs
+    top: list[tuple[int, float]] | None = None  # the top_logprobs most likely (token, log-probability)
+
+
+def _host_samples(out: SamplerOutput, seqs: list[Sequence], tensors: list[torch.Tensor] | None = None) -> list[Sample]:
+    """The draws of `seqs` (rows of `out`, or their host copies `tensors`) as Samples: one read of each tensor."""
+    tokens, logprobs, top_ids, top_lps = tensors or [out.tokens, out.logprobs, out.top_ids, out.top_logprobs]
+    tokens = tokens.tolist()
+    logprobs = logprobs.tolist() if logprobs is not None else None
+    top_ids = top_ids.tolist() if top_ids is not None else None
+    top_lps = top_lps.tolist() if top_lps is not None else None
+    samples = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        top = list(zip(top_ids[i][: p.top_logprobs], top_lps[i][: p.top_logprobs])) if p.top_logprobs else None
+        samples.append(Sample(tokens[i], logprobs[i] if p.logprobs and logprobs is not None else None, top))
+    return samples
 
 
 @dataclass
 class PendingStep:
-    """A decode step whose greedy picks are still on their way to the host (async scheduling)."""
+    """A decode step whose draws are still on their way to the host (async scheduling)."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor  # [n] picks on the device: the next step's input
-    host: torch.Tensor  # [n] their copy on the host (pinned), valid once `done` has completed
-    logprobs: torch.Tensor | None  # [n] log-probabilities of the picks (host), when asked for
+    out: SamplerOutput  # the draws on the device
+    host: list[torch.Tensor | None]  # their copies on the host (pinned), valid once `done` has completed
     done: torch.cuda.Event | None  # None on a CPU: everything above is already there
 
 
@@ -136,6 +147,8 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
         self.vocab_size = getattr(model, "global_args", self.args).vocab_size
+        # slots for twice the running batch: preempted sequences keep theirs until one is needed
+        self.sampler = Sampler(2 * config.max_num_seqs, self.vocab_size, device)
         self.requests: dict[Hashable, list[Sequence]] = {}
         self._pending: PendingStep | None = None  # async scheduling: a decode step not read back yet
         self._next_seq_id = 0
@@ -181,8 +194,8 @@ class LLMEngine:
         seqs = []
         for index in range(params.n):
             generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed((params.seed + index) % 2**63)
+            if params.seed is not None:  # on the device: its draws are the sampler's uniforms for this sequence
+                generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2**63)
             seq = Sequence(
                 seq_id=self._next_seq_id, request_id=request_id, index=index, token_ids=list(prompt_ids),
                 num_prompt=len(prompt_ids), params=params, eos_ids=eos,
@@ -207,6 +220,7 @@ class LLMEngine:
         for seq in seqs:
             if not seq.finished:
                 self.scheduler.remove(seq)
+            self._release(seq)
         return True
 
     def has_unfinished(self) -> bool:
@@ -264,49 +278,74 @@ class LLMEngine:
 
     @staticmethod
     def _plain(seq: Sequence, ahead: int = 0) -> bool:
-        """Greedy with nothing that changes the logits: picked for all such sequences at once on the device.
-        `ahead`: tokens the sequence will have gained by the time the pick is read (async scheduling)."""
+        """Greedy with nothing that changes the logits or asks for more than the pick: what a decode graph's own
+        argmax gives exactly. `ahead`: tokens the sequence will have gained by the time the pick is read."""
         p = seq.params
         return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
                 and not p.frequency_penalty and not p.top_logprobs and seq.num_output + ahead >= p.min_tokens)
 
+    # ---- sampling ------------------------------------------------------------------------------------
+    def _slot(self, seq: Sequence) -> int:
+        """The sequence's slot in the sampler (admitted on its first draw, or again after it gave it back)."""
+        if seq.slot is None:
+            if not self.sampler.free:  # sequences preempted meanwhile give theirs back
+                for owner in list(self.sampler.owner):
+                    if owner is not None and owner.status is not Status.RUNNING:
+                        self._release(owner)  # type: ignore[arg-type]
+            seq.slot = self.sampler.admit(seq, seq.params, seq.token_ids[: seq.num_prompt], seq.output_ids,
+                                          [*seq.eos_ids, *seq.params.stop_token_ids])
+        return seq.slot
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.sampler.release(seq.slot, seq.params)
+            seq.slot = None
+
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+        """The next token of each sequence from its row of logits [n, vocab], on the device, without a read."""
+        slots = upload([self._slot(seq) for seq in seqs], logits.device, torch.long)
+        seeded = [(i, seq.generator) for i, seq in enumerate(seqs) if seq.generator is not None]
+        return self.sampler.sample(logits, slots, seeded, logprobs=any(seq.params.logprobs for seq in seqs),
+                                   top_logprobs=max(seq.params.top_logprobs for seq in seqs))
+
     # ---- async scheduling ----------------------------------------------------------------------------
-    # After a decode step of plain greedy sequences, the next step is launched from the picks still on the
-    # device (every sequence assumed to go on), and only then are the picks read back and turned into
-    # events, so the host's bookkeeping runs while the GPU computes. A sequence that turns out to have
-    # finished wasted one row of the step launched ahead; its result is dropped. New requests wait until the
-    # step in flight is read back, then go through the scheduler as usual.
+    # After a decode step, the next step is launched from the draws still on the device (every sequence assumed
+    # to go on), and only then are the draws read back and turned into events, so the host's bookkeeping runs
+    # while the GPU computes. A sequence that turns out to have finished wasted one row of the step launched
+    # ahead; its result is dropped. New requests wait until the step in flight is read back, then go through
+    # the scheduler as usual.
     def _may_overlap(self, inputs: list[StepInput], ready: list[tuple[Sequence, int]]) -> bool:
         wanted = self.config.async_scheduling
         if wanted is None:
             wanted = self.runner.graphs is not None
         return (wanted and self.runner.channel is None and len(ready) == len(inputs)
-                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and self._plain(inp.seq)
-                        for inp in inputs))
+                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs for inp in inputs))
 
-    def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> PendingStep:
-        """Greedy picks of logits [n, vocab] (the step's rows `rows`) on the device, and their copy to the host,
-        without waiting; a decode graph has made both already when it made all of its rows."""
+    def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], ahead: int = 0) -> PendingStep:
+        """The draws of logits [n, vocab] (the step's rows `rows`) on the device, and their copy to the host,
+        without waiting; a decode graph has made greedy picks already when it made all of its rows."""
         picks = self.runner.picks
-        graph_made = picks is not None and rows == list(range(len(picks.tokens)))
-        tokens = picks.tokens if graph_made else _greedy(logits)
-        logprobs = None
-        if any(seq.params.logprobs for seq in seqs):
-            logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-        if tokens.device.type != "cuda":
-            return PendingStep(seqs, tokens, tokens, logprobs, None)
-        if graph_made:
-            host = picks.host
+        if picks is not None and rows == list(range(len(picks.tokens))) and all(
+                self._plain(seq, ahead) and not seq.params.logprobs for seq in seqs):
+            out = SamplerOutput(picks.tokens)
+            host: list[torch.Tensor | None] = [picks.host, None, None, None]
         else:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-        host_lp = None
-        if logprobs is not None:
-            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-            host_lp.copy_(logprobs, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return PendingStep(seqs, tokens, host, host_lp, done)
+            out = self._draw(seqs, logits)
+            host = [out.tokens, out.logprobs, out.top_ids, out.top_logprobs]
+            if out.tokens.device.type == "cuda":
+                copies = []
+                for t in host:
+                    if t is not None:
+                        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        pinned.copy_(t, non_blocking=True)
+                        t = pinned
+                    copies.append(t)
+                host = copies
+        done = None
+        if out.tokens.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return PendingStep(seqs, out.tokens, out, host, done)
 
     def _advance(self) -> list[StreamEvent]:
         """Launch the step after the pending one if it may run ahead, then read the pending one back."""
@@ -314,48 +353,33 @@ class LLMEngine:
         assert pending is not None
         alive = [i for i, seq in enumerate(pending.seqs) if not seq.finished]
         seqs = [pending.seqs[i] for i in alive]
-        if (seqs and not self.scheduler.waiting and all(self._plain(seq, ahead=1) for seq in seqs)
-                and all([self.blocks.allocate(seq, 1) for seq in seqs])):
+        if seqs and not self.scheduler.waiting and all([self.blocks.allocate(seq, 1) for seq in seqs]):
             tokens = pending.tokens if len(alive) == len(pending.seqs) else pending.tokens.index_select(
                 0, upload(alive, pending.tokens.device, torch.long))
             logits, rows = self.runner.run([StepInput(seq, 1, [0]) for seq in seqs], self.blocks.take_new_blocks(),
                                            tokens=tokens)
             for seq in seqs:
                 seq.num_computed += 1  # its input token reaches the host below, with the pending step's picks
-            ahead = self._launch_picks(seqs, _rows(logits, rows), rows)
+            ahead = self._launch_picks(seqs, _rows(logits, rows), rows, 1)
         if pending.done is not None:
             pending.done.synchronize()
-        tokens_host = pending.host.tolist()
-        logprobs = pending.logprobs.tolist() if pending.logprobs is not None else None
+        samples = _host_samples(pending.out, pending.seqs, pending.host)
         events: list[StreamEvent] = []
-        for j, (seq, token) in enumerate(zip(pending.seqs, tokens_host)):
+        for seq, sample in zip(pending.seqs, samples):
             if seq.finished:  # finished or aborted after this step was launched: its row is dropped
                 continue
-            lp = logprobs[j] if logprobs is not None and seq.params.logprobs else None
-            events.extend(self._emit(seq, Sample(token, lp)))
+            events.extend(self._emit(seq, sample))
             if not seq.finished:
                 self.blocks.commit(seq)
         self._pending = ahead
         return events
 
     def _choose(self, ready: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[Sample]:
-        """The next token of each ready sequence. Plain greedy rows take one argmax over their logits rows and
-        one copy to the host; the others go through the full sampler one by one."""
-        chosen: list[Sample | None] = [None] * len(ready)
-        plain = [i for i, (seq, _) in enumerate(ready) if self._plain(seq)]
-        if plain:
-            rows = _rows(logits, [ready[i][1] for i in plain])
-            tokens = _greedy(rows)
-            logprobs = None
-            if any(ready[i][0].params.logprobs for i in plain):
-                logprobs = rows.log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
-            for j, (i, token) in enumerate(zip(plain, tokens.tolist())):
-                want = ready[i][0].params.logprobs
-                chosen[i] = Sample(token, logprobs[j] if want and logprobs is not None else None)
-        for i, (seq, row) in enumerate(ready):
-            if chosen[i] is None:
-                chosen[i] = self._sample(seq, logits[row].cpu())
-        return chosen  # type: ignore[return-value]
+        """The next token of each ready sequence: one batched draw on the device, one read back."""
+        if not ready:
+            return []
+        seqs = [seq for seq, _ in ready]
+        return _host_samples(self._draw(seqs, _rows(logits, [row for _, row in ready])), seqs)
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         count = max(0, min(len(logits), seq.num_prompt - 1 - start))
@@ -365,21 +389,12 @@ class LLMEngine:
         targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
         picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         k = seq.params.prompt_logprobs or 0
+        top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1) if k else None
+        top_ids = top.indices.tolist() if top is not None else None
+        top_values = top.values.tolist() if top is not None else None
         for i in range(count):
-            top = top_logprobs(logprobs[i], k) if k else []
-            seq.prompt_logprobs[start + 1 + i] = (picked[i], top)  # type: ignore[index]
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sample:
-        p = seq.params
-        banned: list[int] = []
-        if seq.num_output < p.min_tokens:
-            banned = [t for t in (*seq.eos_ids, *p.stop_token_ids) if t < logits.shape[-1]]
-        return sample_token(
-            logits, p,
-            context=seq.token_ids if p.repetition_penalty != 1.0 else (),
-            output=seq.output_ids if p.presence_penalty or p.frequency_penalty else (),
-            banned=banned, generator=seq.generator,
-        )
+            entry = list(zip(top_ids[i], top_values[i])) if top is not None else []
+            seq.prompt_logprobs[start + 1 + i] = (picked[i], entry)  # type: ignore[index]
 
     def _emit(self, seq: Sequence, sample: Sample) -> list[StreamEvent]:
         """Append the chosen token; the stream events it makes (and the end of the sequence, if it ends)."""
@@ -405,6 +420,7 @@ class LLMEngine:
             return [event]
         flushed = seq.detok.flush() if seq.detok is not None and not seq.detok.stopped else ""
         self.scheduler.remove(seq)
+        self._release(seq)
         siblings = self.requests.get(seq.request_id, [])
         if all(s.finished for s in siblings):
             self.requests.pop(seq.request_id, None)

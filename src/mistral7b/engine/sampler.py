@@ -1,4 +1,20 @@
-"""Turn one row of logits into the next token: bias, bans, penalties, temperature, top-k, top-p, min-p, a draw.
+"""The one batched sampler: every row of a step's logits turned into its next token on the model's device, as
+tensors for the whole batch (per-row parameters), with no per-row host work and no read-back.
+
+Each running sequence holds a slot in device tables (its SamplingParams, the ids it may not draw before
+min_tokens, its logit bias, its token counts for the penalties): written once when it is admitted, so a step
+uploads only its rows' slot indices. Per step, in order:
+
+1. logit_bias added, ids banned before min_tokens set to -inf, penalties (CTRL repetition over prompt and
+   output; OpenAI presence/frequency over the output) from the slot's counts;
+2. greedy rows (temperature 0, or top-k 1): the argmax of the processed logits, the raw logits' exact argmax
+   when nothing processed them;
+3. sampled rows: logits / temperature, then by the row's kind (_draw): top-k rows among the batch's largest
+   top-k candidates by one `topk` (no sort of the vocabulary); top-p rows without top-k over the sorted
+   vocabulary (as vLLM without FlashInfer); rows with neither over the whole vocabulary. The draw is the inverse
+   of the kept probabilities' cumulative sum at u * total, with one uniform u a row: a seeded sequence's from
+   its own generator on the device (the same tokens alone or in any batch), the others' from the sampler's;
+4. the slots' counts updated with the drawn tokens, on the device.
 
 Log-probabilities reported to the user are those of the model's raw distribution (before penalties and
 truncation), as vLLM reports them, so they are comparable across sampling settings.
@@ -6,100 +22,239 @@ truncation), as vLLM reports them, so they are comparable across sampling settin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b import cpu, kernels
+from mistral7b.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+
+# the parameter table's columns
+TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY, MIN_TOKENS = range(8)
+NUM_PARAMS = 8
+MAX_BANNED = 80  # EOS ids and stop_token_ids (at most 64) banned before min_tokens
 
 
 @dataclass
-class Sample:
-    token: int
-    logprob: float | None = None  # raw log-probability of `token`, when the request asks for logprobs
-    top: list[tuple[int, float]] | None = None  # the top_logprobs most likely (token, log-probability)
+class SamplerOutput:
+    """A step's draws, on the device: tokens [B] int64; with logprobs, the raw log-probability of each token
+    [B]; with top_logprobs, the k most likely raw ones [B, k] (ids and log-probabilities)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty (as in HF and vLLM): shrink logits of tokens already in prompt or output."""
-    if penalty == 1.0 or seen is None or seen.numel() == 0:
-        return logits
-    picked = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+def uniform_from(generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) from a sequence's own generator (on the device)."""
+    return torch.rand(1, generator=generator, device=device)
 
 
-def apply_presence_frequency(logits: torch.Tensor, output: Sequence[int], presence: float,
-                             frequency: float) -> torch.Tensor:
-    """OpenAI's penalties over generated tokens: logit -= presence * [count > 0] + frequency * count."""
-    if (presence == 0.0 and frequency == 0.0) or not output:
-        return logits
-    counts = torch.bincount(torch.as_tensor(output, dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
-    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+class Sampler:
+    def __init__(self, slots: int, vocab_size: int, device: torch.device | str, seed: int | None = None):
+        """`slots`: sequences that can hold a slot at once (the engine's running batch at most)."""
+        self.vocab, self.device = vocab_size, torch.device(device)
+        self.params = torch.zeros(slots, NUM_PARAMS, device=self.device)
+        self.generated = torch.zeros(slots, dtype=torch.long, device=self.device)  # output tokens so far
+        self.banned = torch.zeros(slots, MAX_BANNED, dtype=torch.long, device=self.device)
+        self.banned_on = torch.zeros(slots, MAX_BANNED, dtype=torch.bool, device=self.device)
+        self.bias_ids: torch.Tensor | None = None  # [slots, MAX_LOGIT_BIAS], made when a request first has one
+        self.bias_values: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None  # [slots, vocab] int32 output counts (penalties)
+        self.seen: torch.Tensor | None = None  # [slots, vocab] bool: in the prompt (repetition penalty)
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        self.free = list(range(slots - 1, -1, -1))
+        self.owner: list[object | None] = [None] * slots
+        # what the occupied slots ask for, so that a step skips what no row needs without looking at the rows
+        self.top_ks: Counter[int] = Counter()
+        self.uses: Counter[str] = Counter()
+
+    # ---- slots --------------------------------------------------------------------------------------------
+    def admit(self, owner: object, params: SamplingParams, prompt: list[int], output: list[int],
+              banned: list[int]) -> int:
+        """A slot for a sequence about to be sampled: its parameters, the ids banned before min_tokens, and for
+        the penalties its prompt and output so far (a preempted sequence comes back with some)."""
+        slot = self.free.pop()
+        self.owner[slot] = owner
+        row = [params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
+               params.presence_penalty, params.frequency_penalty, params.min_tokens]
+        self.params[slot] = torch.tensor(row, dtype=torch.float32)
+        self.generated[slot] = len(output)
+        banned = [t for t in banned if 0 <= t < self.vocab][:MAX_BANNED]
+        self.banned[slot] = 0
+        self.banned_on[slot] = False
+        if banned and params.min_tokens > len(output):
+            self.banned[slot, : len(banned)] = torch.tensor(banned)
+            self.banned_on[slot, : len(banned)] = True
+        for name, used in self._needs(params):
+            if used:
+                self.uses[name] += 1
+        if not params.greedy and params.top_k:
+            self.top_ks[params.top_k] += 1
+        if params.logit_bias and self.bias_ids is None:
+            shape = (len(self.owner), MAX_LOGIT_BIAS)
+            self.bias_ids = torch.zeros(shape, dtype=torch.long, device=self.device)
+            self.bias_values = torch.zeros(shape, device=self.device)
+        if self.bias_ids is not None:  # a reused slot keeps no bias of its last owner's (rows add 0 at id 0)
+            self.bias_values[slot] = 0.0
+            ids = [t for t in params.logit_bias if 0 <= t < self.vocab]
+            if ids:
+                self.bias_ids[slot] = 0
+                self.bias_ids[slot, : len(ids)] = torch.tensor(ids)
+                self.bias_values[slot, : len(ids)] = torch.tensor([params.logit_bias[t] for t in ids])
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(len(self.owner), self.vocab, dtype=torch.int32, device=self.device)
+                self.seen = torch.zeros(len(self.owner), self.vocab, dtype=torch.bool, device=self.device)
+            self.counts[slot] = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=self.vocab).to(
+                device=self.device, dtype=torch.int32)
+            self.seen[slot] = False
+            if prompt:
+                self.seen[slot, torch.tensor(prompt, dtype=torch.long, device=self.device)] = True
+        return slot
+
+    def release(self, slot: int, params: SamplingParams) -> None:
+        self.owner[slot] = None
+        self.free.append(slot)
+        for name, used in self._needs(params):
+            if used:
+                self.uses[name] -= 1
+        if not params.greedy and params.top_k:
+            self.top_ks[params.top_k] -= 1
+            if not self.top_ks[params.top_k]:
+                del self.top_ks[params.top_k]
+
+    @staticmethod
+    def _needs(p: SamplingParams) -> list[tuple[str, bool]]:
+        penalties = p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+        sampled = not p.greedy
+        return [("bias", bool(p.logit_bias)), ("ban", p.min_tokens > 0), ("penalty", penalties),
+                ("sampled", sampled), ("plain", sampled and not p.top_k and p.top_p >= 1.0),
+                ("top_p_only", sampled and not p.top_k and p.top_p < 1.0)]
+
+    # ---- a step -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, seeded: list[tuple[int, torch.Generator]] = (),
+               logprobs: bool = False, top_logprobs: int = 0, candidates: str = "topk") -> SamplerOutput:
+        """Next tokens for logits [B, vocab] (float32, on the device) of the sequences in `slots` [B] (on the
+        device). `seeded`: (row, generator) of the rows whose sequence has a seed. `candidates`: "topk" (one
+        topk over the vocabulary) or "sort" (a full sort: the reference, for the benchmark)."""
+        p = self.params[slots]  # [B, NUM_PARAMS]
+        x = self._process(logits, p, slots)
+        greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
+        picks = _greedy(x)  # the raw logits' exact argmax where nothing processed them
+        if self.uses["sampled"]:
+            sampled = self._draw(x, p, seeded, candidates)
+            picks = torch.where(greedy, picks, sampled)
+        self.generated[slots] += 1
+        if self.uses["penalty"]:
+            self.counts.index_put_((slots, picks), torch.ones_like(picks, dtype=torch.int32), accumulate=True)
+        out = SamplerOutput(picks)
+        if logprobs or top_logprobs:
+            raw = logits.log_softmax(-1)
+            if logprobs:
+                out.logprobs = raw.gather(1, picks[:, None])[:, 0]
+            if top_logprobs:
+                out.top_logprobs, out.top_ids = raw.topk(min(top_logprobs, self.vocab), dim=-1)
+        return out
+
+    def penalized(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The logits after step 1 (bias, bans, penalties), before any draw: what greedy rows take the argmax of."""
+        return self._process(logits, self.params[slots], slots)
+
+    def _process(self, logits: torch.Tensor, p: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        x = logits
+        if self.uses["bias"]:
+            x = x.scatter_add(1, self.bias_ids[slots], self.bias_values[slots])
+        if self.uses["ban"]:
+            on = self.banned_on[slots] & (self.generated[slots] < p[:, MIN_TOKENS].long())[:, None]
+            x = x.scatter_add(1, self.banned[slots], torch.where(on, float("-inf"), 0.0))
+        if self.uses["penalty"]:
+            x = self._penalize(x, p, slots)
+        return x
+
+    def _penalize(self, x: torch.Tensor, p: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        counts = self.counts[slots]  # [B, vocab]
+        present = counts > 0
+        penalty = p[:, REPETITION, None]
+        repeated = present | self.seen[slots]
+        x = torch.where(repeated, torch.where(x > 0, x / penalty, x * penalty), x)
+        return x - p[:, PRESENCE, None] * present.to(x.dtype) - p[:, FREQUENCY, None] * counts.to(x.dtype)
+
+    def _uniforms(self, rows: int, seeded: list[tuple[int, torch.Generator]]) -> torch.Tensor:
+        u = torch.rand(rows, generator=self.generator, device=self.device)
+        for row, generator in seeded:
+            u[row : row + 1] = uniform_from(generator, self.device)
+        return u
+
+    def _draw(self, x: torch.Tensor, p: torch.Tensor, seeded, candidates: str) -> torch.Tensor:
+        """Draws for every row (the greedy rows' are dropped by the caller), each row by its kind: with top-k,
+        among the batch's largest top-k candidates (top-p and min-p renormalised over its top-k, as Hugging
+        Face's warpers apply them after top-k); with top-p and no top-k, over the whole sorted vocabulary; with
+        neither, over the whole vocabulary (min-p relative to its most likely token). A path runs only where an
+        occupied slot needs it, so no step reads anything back."""
+        B, V = x.shape
+        temperature = torch.where(p[:, TEMPERATURE] > 0, p[:, TEMPERATURE], 1.0)
+        scaled = x / temperature[:, None]
+        u = self._uniforms(B, seeded)
+        top_k, top_p = p[:, TOP_K].long(), p[:, TOP_P]
+        picks = None
+        if self.uses["plain"]:  # neither top-k nor top-p
+            picks = _inverse_cdf(_min_p(scaled.softmax(-1), p[:, MIN_P]), u)
+        k_max = max(self.top_ks, default=0)
+        if k_max:  # rows with top-k
+            if candidates == "sort" or k_max >= V:
+                values, ids = scaled.sort(dim=-1, descending=True)
+                values, ids = values[:, :k_max], ids[:, :k_max]
+            else:
+                values, ids = scaled.topk(k_max, dim=-1)
+            position = torch.arange(values.shape[1], device=self.device)[None]
+            drawn = _nucleus(values.masked_fill(position >= top_k[:, None], float("-inf")), ids, top_p,
+                             p[:, MIN_P], u)
+            picks = drawn if picks is None else torch.where(top_k > 0, drawn, picks)
+        if self.uses["top_p_only"]:  # rows with top-p and no top-k: the whole vocabulary, sorted
+            values, ids = scaled.sort(dim=-1, descending=True)
+            drawn = _nucleus(values, ids, top_p, p[:, MIN_P], u)
+            picks = drawn if picks is None else torch.where((top_k <= 0) & (top_p < 1.0), drawn, picks)
+        return picks
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already cover top_p; the first token always stays.
-        drop_sorted = probs.cumsum(-1) - probs >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab].argmax(-1) (the first of equal maxima; a NaN wins): on a GPU through kernels/argmax (a
+    third of PyTorch's time at batch 1), on a CPU through the extension's (ATen's is a scalar loop: 64 us a row
+    of 49,152)."""
+    if logits.device.type == "cuda" and kernels.available():
+        from mistral7b.kernels.argmax import greedy_picks
+
+        return greedy_picks(logits)
+    ops = cpu.load(notice=False) if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if ops is not None and ops.CAPABILITY != "DEFAULT" and logits.numel():  # the portable build is scalar too
+        return ops.argmax_rows(logits)
+    return logits.argmax(-1)
 
 
-def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    """The k most likely (token, log-probability) pairs of a log-softmaxed row."""
-    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
-    return list(zip(ids.tolist(), values.tolist()))
+def _min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    return probs * (probs >= min_p[:, None] * probs.amax(-1, keepdim=True))
 
 
-def sample_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    *,
-    context: Sequence[int] = (),
-    output: Sequence[int] = (),
-    banned: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> Sample:
-    """Pick the next token from logits [vocab] (float32).
+def _nucleus(values: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+             u: torch.Tensor) -> torch.Tensor:
+    """A draw from candidates sorted by value [B, C] (-inf: not candidates): probabilities renormalised over
+    them, top-p keeps those whose more probable candidates hold less than p (the first always), min-p those
+    with p >= min_p * the first's."""
+    probs = values.softmax(-1)
+    keep = (probs.cumsum(-1) - probs) < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    return ids.gather(1, _inverse_cdf(probs * keep, u)[:, None])[:, 0]
 
-    `context` (prompt + output ids) feeds the repetition penalty, `output` the presence/frequency penalties;
-    `banned` ids can never be drawn (EOS before min_tokens). The raw log-probability (and the top ones) are
-    computed only when asked for: a log-softmax over the vocabulary per token is not free.
-    """
-    processed = logits
-    if params.logit_bias:
-        ids = torch.tensor([t for t in params.logit_bias if t < logits.shape[-1]], dtype=torch.long)
-        bias = torch.tensor([params.logit_bias[t] for t in ids.tolist()], dtype=logits.dtype)
-        processed = processed.index_add(0, ids.to(logits.device), bias.to(logits.device))
-    if banned:
-        processed = processed.index_fill(0, torch.as_tensor(list(banned), device=logits.device), float("-inf"))
-    if params.repetition_penalty != 1.0 and context:
-        processed = apply_repetition_penalty(processed, torch.as_tensor(context, device=logits.device),
-                                             params.repetition_penalty)
-    processed = apply_presence_frequency(processed, output, params.presence_penalty, params.frequency_penalty)
-    if params.greedy:
-        token = int(processed.argmax())
-    else:
-        probs = filter_logits(processed, params).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
-    sample = Sample(token)
-    if params.logprobs or params.top_logprobs:
-        logprobs = logits.log_softmax(-1)
-        sample.logprob = float(logprobs[token])
-        if params.top_logprobs:
-            sample.top = top_logprobs(logprobs, params.top_logprobs)
-    return sample
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row, the index i with cdf[i - 1] <= u * total < cdf[i]: index i drawn with probability
+    weights[i] / total (a zero weight is never drawn)."""
+    cdf = weights.cumsum(-1)
+    target = (u * cdf[:, -1])[:, None]
+    index = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return index.clamp(max=weights.shape[1] - 1)
