@@ -10,8 +10,10 @@ uploads only its rows' slot indices. Per step, in order:
 2. greedy rows (temperature 0, or top-k 1): the argmax of the processed logits, the raw logits' exact argmax
    when nothing processed them;
 3. sampled rows: logits / temperature, then by the row's kind (_draw): top-k rows among the batch's largest
-   top-k candidates by one `topk` (no sort of the vocabulary); top-p rows without top-k over the sorted
-   vocabulary (as vLLM without FlashInfer); rows with neither over the whole vocabulary. The draw is the inverse
+   top-k candidates by one `topk` (no sort of the vocabulary); top-p rows without top-k on a CPU among the
+   1,024 most likely tokens (a sort only for rows whose nucleus is wider), on a GPU over the sorted vocabulary
+   (as vLLM without FlashInfer) or by a bisected threshold, by measurement; rows with neither over the whole
+   vocabulary. The draw is the inverse
    of the kept probabilities' cumulative sum at u * total, with one uniform u a row: a seeded sequence's from
    its own generator on the device (the same tokens alone or in any batch), the others' from the sampler's;
 4. the slots' counts updated with the drawn tokens, on the device.
@@ -138,10 +140,13 @@ class Sampler:
     # ---- a step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, seeded: list[tuple[int, torch.Generator]] = (),
-               logprobs: bool = False, top_logprobs: int = 0, candidates: str = "topk") -> SamplerOutput:
+               logprobs: bool = False, top_logprobs: int = 0, candidates: str = "auto") -> SamplerOutput:
         """Next tokens for logits [B, vocab] (float32, on the device) of the sequences in `slots` [B] (on the
-        device). `seeded`: (row, generator) of the rows whose sequence has a seed. `candidates`: "topk" (one
-        topk over the vocabulary) or "sort" (a full sort: the reference, for the benchmark)."""
+        device). `seeded`: (row, generator) of the rows whose sequence has a seed. `candidates`: how top-k and
+        top-p rows find their candidates: "topk" (top-k rows by one topk; top-p rows among the 1,024 most
+        likely, sorting only rows whose nucleus is wider, which reads back), "pivot" (top-p rows by a bisected
+        threshold), "sort" (a full sort for both), or "auto": "topk" on a CPU, GPU_TOP_P's choice for top-p
+        rows on a GPU."""
         p = self.params[slots]  # [B, NUM_PARAMS]
         x = self._process(logits, p, slots)
         greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
@@ -215,9 +220,15 @@ class Sampler:
             drawn = _nucleus(values.masked_fill(position >= top_k[:, None], float("-inf")), ids, top_p,
                              p[:, MIN_P], u)
             picks = drawn if picks is None else torch.where(top_k > 0, drawn, picks)
-        if self.uses["top_p_only"]:  # rows with top-p and no top-k: the whole vocabulary, sorted
-            values, ids = scaled.sort(dim=-1, descending=True)
-            drawn = _nucleus(values, ids, top_p, p[:, MIN_P], u)
+        if self.uses["top_p_only"]:  # rows with top-p and no top-k: over the whole vocabulary
+            method = candidates if candidates != "auto" else ("topk" if self.device.type == "cpu" else GPU_TOP_P)
+            if method == "pivot":
+                drawn = _inverse_cdf(_pivot_nucleus(scaled.softmax(-1), top_p, p[:, MIN_P]), u)
+            elif method == "topk" and V > CPU_CANDIDATES:
+                drawn = _top_p_candidates(scaled, top_p, p[:, MIN_P], u)
+            else:
+                values, ids = scaled.sort(dim=-1, descending=True)
+                drawn = _nucleus(values, ids, top_p, p[:, MIN_P], u)
             picks = drawn if picks is None else torch.where((top_k <= 0) & (top_p < 1.0), drawn, picks)
         return picks
 
@@ -249,6 +260,40 @@ def _nucleus(values: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, min_p
     keep = (probs.cumsum(-1) - probs) < top_p[:, None]
     keep &= probs >= min_p[:, None] * probs[:, :1]
     return ids.gather(1, _inverse_cdf(probs * keep, u)[:, None])[:, 0]
+
+
+PIVOT_STEPS = 24  # bisection steps: the threshold to 2^-24 of the largest probability
+CPU_CANDIDATES = 1024  # a CPU tries top-p among these first (a real model's nucleus usually fits)
+GPU_TOP_P = "sort"  # top-p without top-k on a GPU, by measurement (bench/README.md)
+
+
+def _top_p_candidates(scaled: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Top-p (no top-k) among the CPU_CANDIDATES most likely tokens, their probabilities normalised over the
+    whole vocabulary; rows whose candidates hold less than top_p of the mass are drawn over the sorted
+    vocabulary. Reads the rows' coverage back: only for a CPU, where nothing runs ahead of the host."""
+    values, ids = scaled.topk(CPU_CANDIDATES, dim=-1)
+    probs = (values - scaled.logsumexp(-1, keepdim=True)).exp()
+    keep = ((probs.cumsum(-1) - probs) < top_p[:, None]) & (probs >= min_p[:, None] * probs[:, :1])
+    picks = ids.gather(1, _inverse_cdf(probs * keep, u)[:, None])[:, 0]
+    wide = (probs.sum(-1) < top_p).nonzero()[:, 0]
+    if len(wide):
+        values, ids = scaled[wide].sort(dim=-1, descending=True)
+        picks[wide] = _nucleus(values, ids, top_p[wide], min_p[wide], u[wide])
+    return picks
+
+
+def _pivot_nucleus(probs: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs [B, V] masked to each row's nucleus without sorting: the largest threshold t (bisected) whose tokens
+    with p >= t still hold top_p of the mass; the kept set is the sorted rule's but for tokens within 2^-24 of
+    the largest probability of the boundary. min-p as in _nucleus."""
+    top = probs.amax(-1)
+    lo, hi = torch.zeros_like(top), top
+    for _ in range(PIVOT_STEPS):
+        mid = (lo + hi) / 2
+        enough = (probs * (probs >= mid[:, None])).sum(-1) >= top_p
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    keep = (probs >= lo[:, None]) & (probs >= min_p[:, None] * top[:, None])
+    return probs * keep
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
