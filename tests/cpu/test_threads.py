@@ -4,7 +4,9 @@ scope for decode steps (cpu.decode_threads): every kernel result is the same who
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -54,17 +56,33 @@ def test_concurrent_callers_get_their_own_results():
         assert all(torch.equal(y, want[i]) for y in got[i])
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_runs_without_the_helpers():
-    """The helpers are threads of the parent: in a child the caller takes every task itself."""
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"), reason="needs fork, /proc")
+def test_a_forked_child_starts_a_pool_of_its_own():
+    """The parent's helpers do not exist in a forked child, and a lock one of them held at the fork would stay held:
+    the child gets a fresh pool, with helpers of its own. ATen's OpenMP pool is not fork-safe (a parallel ATen op
+    in the child waits forever for the parent's OpenMP threads), so the child holds ATen to one thread and gives
+    the extension's pool two; a child that does not finish in 60 s fails the test instead of hanging the run."""
     layer, x = layer_and_input()
     want = layer(x)  # the pool and its helpers exist in the parent now
+    time.sleep(0.01)  # the helpers asleep at the fork: the child must not wait on their condition variable
     pid = os.fork()
     if pid == 0:
-        ok = torch.equal(layer(x), want)
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        try:
+            torch.set_num_threads(1)
+            cpu.load().set_threads(2)
+            ok = all(torch.equal(layer(x), want) for _ in range(20))
+            helpers = len(os.listdir("/proc/self/task")) > 1  # the child's own helper thread
+            os._exit(0 if ok and helpers else 1 if not ok else 2)
+        finally:
+            os._exit(3)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "1: wrong result, 2: no helper thread, 3: an error"
 
 
 def test_decode_threads_keeps_the_pool_and_restores_torch():

@@ -10,6 +10,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define MISTRAL7B_PAUSE() _mm_pause()
@@ -128,9 +132,28 @@ struct Pool {
   }
 };
 
+// The pool in use. Never destroyed: detached helpers may still be sleeping at exit. A forked child has none of
+// the parent's helpers, and a lock or condition variable one of them held at the fork stays held there for
+// good: the child starts a pool of its own (fork_child), keeping only the thread setting, and leaks the
+// parent's copy.
+std::atomic<Pool*> current{nullptr};
+
+void fork_child() {
+  Pool* inherited = current.load(std::memory_order_relaxed);
+  Pool* fresh = new Pool();
+  if (inherited != nullptr) fresh->threads.store(inherited->threads.load(std::memory_order_relaxed));
+  current.store(fresh, std::memory_order_release);
+}
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: detached helpers may still be sleeping at exit
-  return *p;
+  static std::once_flag made;
+  std::call_once(made, [] {
+    current.store(new Pool(), std::memory_order_release);
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork(nullptr, nullptr, fork_child);
+#endif
+  });
+  return *current.load(std::memory_order_acquire);
 }
 
 }  // namespace
