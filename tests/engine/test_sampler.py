@@ -10,22 +10,27 @@ import math
 import pytest
 import torch
 
+from mistral7b import cpu
+from mistral7b.engine import sampler as sampler_module
 from mistral7b.engine.sampler import Sampler
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.errors import RequestError
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 50
+# The GPU runs the same sampler code (torch ops): where a GPU is present its draws are held to the same oracle.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def logits_row(seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def sampler_for(params: list[SamplingParams], prompt=(), output=(), banned=(), seed=0) -> tuple[Sampler, torch.Tensor]:
-    s = Sampler(len(params), VOCAB, "cpu", seed=seed)
+def sampler_for(params: list[SamplingParams], prompt=(), output=(), banned=(), seed=0,
+                device: str = "cpu") -> tuple[Sampler, torch.Tensor]:
+    s = Sampler(len(params), VOCAB, device, seed=seed)
     slots = [s.admit(i, p, list(prompt), list(output), list(banned)) for i, p in enumerate(params)]
-    return s, torch.tensor(slots)
+    return s, torch.tensor(slots, device=device)
 
 
 def hf_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -40,9 +45,10 @@ def hf_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x[0].softmax(-1)
 
 
-def draws(logits: torch.Tensor, p: SamplingParams, n: int = 6000, candidates: str = "topk") -> torch.Tensor:
-    s, slots = sampler_for([p] * n)
-    return s.sample(logits.expand(n, -1).contiguous(), slots, candidates=candidates).tokens
+def draws(logits: torch.Tensor, p: SamplingParams, n: int = 6000, candidates: str = "topk",
+          device: str = "cpu") -> torch.Tensor:
+    s, slots = sampler_for([p] * n, device=device)
+    return s.sample(logits.to(device).expand(n, -1).contiguous(), slots, candidates=candidates).tokens.cpu()
 
 
 def assert_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
@@ -63,11 +69,14 @@ KINDS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", KINDS)
-@pytest.mark.parametrize("candidates", ["topk", "sort"])
-def test_each_kind_draws_the_oracles_distribution(p, candidates):
+@pytest.mark.parametrize("candidates", ["auto", "topk", "sort", "threshold"])
+def test_each_kind_draws_the_oracles_distribution(p, candidates, device):
+    if candidates == "threshold" and (device != "cpu" or not hasattr(cpu.load(notice=False), "top_p_threshold")):
+        pytest.skip("the threshold is the CPU extension's")
     logits = logits_row(1)
-    assert_distribution(draws(logits, p, candidates=candidates), hf_probs(logits, p))
+    assert_distribution(draws(logits, p, candidates=candidates, device=device), hf_probs(logits, p))
 
 
 def test_every_kind_in_one_batch_as_alone():
@@ -92,13 +101,14 @@ def test_greedy_rows_are_the_exact_argmax():
     assert torch.equal(s.sample(logits, slots).tokens, logits.argmax(-1))
 
 
-def test_a_seeded_row_draws_the_same_alone_and_in_any_batch():
-    logits = logits_row(4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_seeded_row_draws_the_same_alone_and_in_any_batch(device):
+    logits = logits_row(4).to(device)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
 
     def run(batch_params: list[SamplingParams], row: int, steps: int = 20) -> list[int]:
-        s, slots = sampler_for(batch_params, seed=123)
-        gen = torch.Generator().manual_seed(11)
+        s, slots = sampler_for(batch_params, seed=123, device=device)
+        gen = torch.Generator(device).manual_seed(11)
         out = []
         for _ in range(steps):
             tokens = s.sample(logits.expand(len(batch_params), -1).contiguous(), slots, seeded=[(row, gen)]).tokens
@@ -193,3 +203,35 @@ def test_statistical_bound_is_not_vacuous():
     with pytest.raises(AssertionError):
         assert_distribution(draws(logits, p), wrong)
     assert math.isfinite(float(hf_probs(logits, p).sum()))
+
+
+@pytest.mark.parametrize("extension", [True, False])
+@pytest.mark.parametrize("p", [SamplingParams(temperature=1.0, top_p=0.9),
+                               SamplingParams(temperature=0.8, top_p=0.95, min_p=0.3)])
+def test_top_p_over_a_flat_distribution_draws_from_the_nucleus(p, extension, monkeypatch):
+    """A flat distribution: the nucleus is wider than the 1,024 candidates of a CPU without the extension, which
+    then sorts those rows; with the extension, the threshold (cpu/sample.cpp) over the whole vocabulary. Either
+    draws only the oracle's nucleus, with its probabilities (per token, and summed over groups of tokens, where a
+    token's own frequency bound is loose)."""
+    if extension and getattr(cpu.load(notice=False), "top_p_threshold", None) is None:
+        pytest.skip("CPU extension not built")
+    if not extension:
+        monkeypatch.setattr(cpu, "load", lambda notice=True: None)
+    vocab, rows, steps = 4096, 500, 40
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 0.3
+    probs = hf_probs(logits, p)
+    top_p_only = hf_probs(logits, SamplingParams(temperature=p.temperature, top_p=p.top_p))
+    assert (top_p_only > 0).sum() > 1024  # wider than the candidates: the rows take the wide path
+    s = Sampler(rows, vocab, "cpu", seed=7)
+    slots = torch.tensor([s.admit(i, p, [], [], []) for i in range(rows)])
+    assert sampler_module._top_p_method("auto", logits[None]) == ("threshold" if extension else "topk")
+    tokens = torch.cat([s.sample(logits.expand(rows, -1).contiguous(), slots).tokens for _ in range(steps)])
+    assert_distribution(tokens, probs)
+    kept = int((probs > 0).sum())
+    nucleus = probs.argsort(descending=True)[:kept]
+    groups = torch.full((vocab,), 8, dtype=torch.long)  # 8: outside the nucleus (never drawn, checked above)
+    groups[nucleus] = torch.arange(kept) * 8 // kept  # 8 groups of the nucleus by rank
+    n = len(tokens)
+    freq = torch.bincount(groups[tokens], minlength=9)[:8].double() / n
+    mass = torch.zeros(8, dtype=torch.float64).index_add_(0, groups[nucleus], probs[nucleus].double())
+    assert ((freq - mass).abs() <= 5 * torch.sqrt(mass * (1 - mass) / n)).all(), (freq, mass)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = ("module.cpp", "attention.cpp", "blocks.cpp", "fused.cpp", "quant.cpp", "threads.cpp")
+SOURCES = ("module.cpp", "attention.cpp", "blocks.cpp", "fused.cpp", "quant.cpp", "sample.cpp", "threads.cpp")
 HEADERS = ("ops.h", "threads.h")
 BUILD_DIR = HERE / "build"
 MODULE = "mistral7b_cpu_ops"

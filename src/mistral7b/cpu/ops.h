@@ -36,6 +36,9 @@ at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
                            at::ScalarType dtype);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 
+// sample.cpp: per row, the largest value t with sum(probs[probs >= t]) >= top_p (probs >= t: the nucleus)
+at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p);
+
 // blocks.cpp: a decode step's transformer blocks in one call, built once per model
 class DecodeStack {
  public:
