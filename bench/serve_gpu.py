@@ -13,11 +13,15 @@ cpu): the embedded model. In order, each in its own section of the table:
    request the same body, as bench/serve.py sends one); and batch 1 at temperature 0.7 / top_p 0.9. Output
    tok/s, TTFT and inter-token latency (median, p99). --profile records the server with py-spy during the
    greedy level (flame data in --out's folder).
-3. grid (--grid, engine level, greedy): input/output lengths 128/128, 128/2048, 2048/128, 2048/2048 with
+3. grid (--grid, engine level, greedy): input/output lengths 128/128, 128/2048, 2048/128, 2048/2048, 1000/1000 with
    --grid-requests requests each (TensorRT-LLM's published H100 grid).
 
     python bench/serve_gpu.py --checkpoint /tmp/ckpt --out $OUT/serve_gpu.json [--grid] [--profile]
     python bench/serve_gpu.py --device cpu --requests 16 --concurrency 16 --input-len 128 --output-len 64
+    python bench/serve_gpu.py --device cpu --tiny --requests 256 --concurrency 256 --input-len 32 --output-len 256
+
+--tiny (CPU): a Mistral of 2 layers of width 64 with random float32 weights and the v1 tokenizer: its steps cost
+next to nothing, so what the server adds per token (detokenization, events, JSON, HTTP) is what is measured.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.gpu import drive, free, greedy, random_prompts, write_checkpoint  # noqa: E402
-from mistral7b.config import PRESETS  # noqa: E402
+from mistral7b.config import PRESETS, ModelArgs  # noqa: E402
 from mistral7b.engine.llm import LLM  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -47,7 +51,9 @@ SAMPLED = {"temperature": 1.0, "top_p": 0.95}
 MIX = {"temperature": 0.8, "top_p": 0.9, "seed": 1234, "presence_penalty": 0.5, "frequency_penalty": 0.3,
        "logprobs": 1}
 BATCH1 = {"temperature": 0.7, "top_p": 0.9}
-GRID = [(128, 128), (128, 2048), (2048, 128), (2048, 2048)]
+TINY = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                 vocab_size=32000, max_seq_len=4096)
+GRID = [(128, 128), (128, 2048), (2048, 128), (2048, 2048), (1000, 1000)]
 
 
 def log(msg: str) -> None:
@@ -183,15 +189,16 @@ def main() -> None:
     p.add_argument("--grid-requests", type=int, default=256)
     p.add_argument("--skip", action="append", default=[], help="sections to skip: engine, server")
     p.add_argument("--profile", action="store_true", help="py-spy the server during the greedy level")
+    p.add_argument("--tiny", action="store_true", help="CPU: a tiny random model, to measure the server's own cost")
     a = p.parse_args()
     out_path = a.out or os.path.join(tempfile.mkdtemp(), "serve_gpu.json")
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    if a.device == "cuda":
-        args = PRESETS["mistral-7b-v0.1"]
+    if a.device == "cuda" or a.tiny:
+        args = TINY if a.tiny else PRESETS["mistral-7b-v0.1"]
         model = a.checkpoint or tempfile.mkdtemp(prefix="mistral7b_serve_gpu_")
         if not os.path.exists(os.path.join(model, "params.json")):
             log(f"writing a random checkpoint to {model}")
-            write_checkpoint(model, args, torch.device("cuda"), torch.bfloat16)
+            write_checkpoint(model, args, torch.device(a.device), torch.float32 if a.tiny else torch.bfloat16)
             free()
         if not any(n.startswith(("tokenizer", "tekken")) for n in os.listdir(model)):
             # Mistral 7B's own tokenizer (its vocabulary is the preset's), so the server detokenizes as it would

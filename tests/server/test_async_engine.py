@@ -75,3 +75,34 @@ def test_a_stream_dropped_unread_is_aborted(engine):
     assert run_with(ae, main)
     assert engine.blocks.usage == 0.0 and not engine.requests
     assert engine.generation_tokens_total < 200  # stopped early, not run to its end
+
+
+def test_a_consumer_behind_the_engine_gets_its_events_in_batches(engine):
+    """A stream read late yields what is queued as one batch (one chunk for a route to send), the same events
+    in the same order as a stream read as they come; an error queued behind events comes after them."""
+    ae = AsyncEngine(engine, max_waiting=8)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+
+    async def main():
+        prompt = [1, 5, 9, 14]
+        eager = [e async for e in ae.submit(prompt, params)]
+        late = ae.submit(prompt, params)
+        while late._stream.queue.qsize() < len(eager):  # every event queued: the request has finished
+            await asyncio.sleep(0.01)
+        batches = [b async for b in late.batches()]
+        failing = ae.submit(prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+        while failing._stream.queue.qsize() < 3:
+            await asyncio.sleep(0.001)
+        ae._fail(failing._rid, APIError(503, "gone", "unavailable_error"))
+        seen = []
+        with pytest.raises(APIError):
+            async for batch in failing.batches():
+                seen.extend(batch)
+        return eager, batches, seen
+
+    eager, batches, seen = run_with(ae, main)
+    assert len(eager) == 13 and eager[-1].finish_reason == "length"  # 12 tokens, then the finish event
+    assert len(batches) == 1
+    strip = lambda events: [(e.token_id, e.text, e.finish_reason) for e in events]  # noqa: E731
+    assert strip(batches[0]) == strip(eager)
+    assert len(seen) >= 3 and all(e.token_id is not None for e in seen)

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -126,12 +126,13 @@ class AsyncEngine:
 
     # ---- event loop side -----------------------------------------------------------------------------
     def _deliver(self, events: list[StreamEvent]) -> None:
-        now = time.monotonic()
+        now, tokens = time.monotonic(), 0
         for event in events:
             stream = self._streams.get(event.request_id)
             if stream is None:
                 continue
             if event.token_id is not None and self.metrics is not None:
+                tokens += 1
                 if stream.first_token is None:
                     stream.first_token = now
                     self.metrics.first_token(now - stream.arrival)
@@ -139,8 +140,9 @@ class AsyncEngine:
                 if previous is not None:
                     self.metrics.inter_token(now - previous)
                 stream.last_token[event.index] = now
-                self.metrics.generated(1)
             stream.queue.put_nowait(event)
+        if tokens:
+            self.metrics.generated(tokens)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -215,7 +217,25 @@ class RequestStream:
         if not self._left:
             self.close()
             raise StopAsyncIteration
-        event = await self._stream.queue.get()
+        return self._take(await self._stream.queue.get())
+
+    async def batches(self) -> AsyncIterator[list[StreamEvent]]:
+        """The events in batches: the next one and every one already queued behind it. A consumer that keeps
+        up gets one event a batch; one that falls behind (many streams on one event loop) catches up in one
+        chunk per batch instead of paying a wake-up, a JSON document and a socket write per token."""
+        queue, error = self._stream.queue, None
+        while self._left:
+            batch = [self._take(error if error is not None else await queue.get())]
+            while self._left and not queue.empty():
+                item = queue.get_nowait()
+                if isinstance(item, BaseException):  # raised at the next batch: what came before it goes first
+                    error = item
+                    break
+                batch.append(self._take(item))
+            yield batch
+        self.close()
+
+    def _take(self, event: StreamEvent | BaseException) -> StreamEvent:
         if isinstance(event, BaseException):
             self.close()
             raise event

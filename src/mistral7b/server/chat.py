@@ -88,8 +88,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     async def collect() -> dict[str, Any]:
         if stream is not None:
-            async for event in stream:
-                apply(event)
+            async for batch in stream.batches():
+                for event in batch:
+                    apply(event)
         if hold:
             await moderate_outputs()
         return {**head, "object": "chat.completion", "choices": [
@@ -105,13 +106,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         for k in range(n):
             yield chunk(k, {"role": "assistant", "content": ""})
         if stream is not None and not hold:
-            async for event in stream:
-                entry = apply(event)
-                if event.text or entry is not None:
-                    yield chunk(event.index, {"content": event.text},
-                                {"content": [entry]} if entry is not None else None)
-                if event.finish_reason is not None:
-                    yield chunk(event.index, {}, None, event.finish_reason)
+            async for batch in stream.batches():  # one chunk per answer and batch of events
+                texts_now: dict[int, str] = {}
+                entries_now: dict[int, list[dict[str, Any]]] = {}
+                finished: dict[int, str] = {}
+                for event in batch:
+                    entry = apply(event)
+                    texts_now[event.index] = texts_now.get(event.index, "") + event.text
+                    if entry is not None:
+                        entries_now.setdefault(event.index, []).append(entry)
+                    if event.finish_reason is not None:
+                        finished[event.index] = event.finish_reason
+                for k, text in texts_now.items():
+                    if text or k in entries_now:
+                        yield chunk(k, {"content": text}, {"content": entries_now[k]} if k in entries_now else None)
+                    if k in finished:
+                        yield chunk(k, {}, None, finished[k])
         else:  # refused, or held back until the answers are checked: each answer in one piece
             await collect()
             for k in range(n):

@@ -119,8 +119,9 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     head = {"id": rid, "object": "text_completion", "created": created, "model": state.served_name}
 
     async def collect() -> dict[str, Any]:
-        async for i, event in merged(streams):
-            apply(i, event)
+        async for i, batch in merged(streams):
+            for event in batch:
+                apply(i, event)
         return {**head, "choices": [
             {"index": j, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
             for j, c in enumerate(choices)], "usage": usage(prompt_tokens, completion_tokens())}
@@ -131,17 +132,26 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
             for j, c in enumerate(choices):  # the prompt first, as its own chunk per choice
                 yield sse({**head, "choices": [{"index": j, "text": c.text, "logprobs": None, "finish_reason": None}],
                            "usage": None})
-        async for i, event in merged(streams):
-            j, text = apply(i, event)
-            c = choices[j]
-            if not text and event.finish_reason is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
-                continue
-            chunk_logprobs = logprobs_of(c, sent_tokens[j])
-            sent_tokens[j] = len(c.tokens)
-            if body.echo and logprobs and event.prompt_logprobs is not None:
-                text = c.text
-            yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
-                                            "finish_reason": event.finish_reason}], "usage": None})
+        async for i, batch in merged(streams):
+            texts: dict[int, str] = {}  # choice -> the text this batch adds (one chunk per choice and batch)
+            reasons: dict[int, str | None] = {}
+            echoed: set[int] = set()
+            for event in batch:
+                j, text = apply(i, event)
+                texts[j] = texts.get(j, "") + text
+                reasons[j] = event.finish_reason or reasons.get(j)
+                if body.echo and logprobs and event.prompt_logprobs is not None:
+                    echoed.add(j)
+            for j, text in texts.items():
+                c = choices[j]
+                if not text and reasons[j] is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
+                    continue
+                chunk_logprobs = logprobs_of(c, sent_tokens[j])
+                sent_tokens[j] = len(c.tokens)
+                if j in echoed:  # the prompt's text with its logprobs, then what followed it
+                    text = c.text
+                yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
+                                                "finish_reason": reasons[j]}], "usage": None})
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens())})
 

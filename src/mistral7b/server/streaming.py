@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mistral7b.engine.outputs import StreamEvent
 from mistral7b.server.async_engine import RequestStream
 from mistral7b.server.errors import as_api_error
 
@@ -34,18 +35,19 @@ def sse_error(e: BaseException) -> str:
     return sse(as_api_error(e).body())
 
 
-async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they come, tagged with the iterator's index."""
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, list[StreamEvent]]]:
+    """Batches of events (RequestStream.batches) of several streams as they come, tagged with the stream's
+    index."""
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
+        async for batch in streams[0].batches():
+            yield 0, batch
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+    async def pump(i: int, stream: RequestStream) -> None:
         try:
-            async for item in stream:
-                queue.put_nowait((i, item))
+            async for batch in stream.batches():
+                queue.put_nowait((i, batch))
             queue.put_nowait((i, _DONE))
         except asyncio.CancelledError:
             raise
