@@ -82,6 +82,7 @@ def test_interactive_chat_with_reset_and_exit():
         (["generate", "--prompt-ids", "1,999999"], "999999"),
         (["generate"], "--prompt"),
         (["tokenize", "--messages", "/nonexistent.json"], "/nonexistent.json"),
+        (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle):

@@ -47,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     e.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="GiB for the KV cache (default 1 on CPU, half the free memory on a GPU)")
+                   help="GiB for the KV cache (default 1 on CPU; on a GPU, what --gpu-memory-utilization leaves)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's whole memory for the weights, a step's activations and the KV cache "
+                   "(as vLLM's; the cache gets what is left after a step is measured)")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
     e.add_argument("--no-cuda-graphs", action="store_true", help="GPU: launch decode steps kernel by kernel")
     e.add_argument("--no-async-scheduling", action="store_true", help="GPU: read each greedy decode step back "
@@ -76,12 +79,15 @@ def run(a: argparse.Namespace) -> int:
     for name in ("max_queue", "max_body_mb", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                  "block_size", "kv_cache_memory", "shutdown_timeout"):
         _positive(name.replace("_", "-"), getattr(a, name))
+    if not 0 < a.gpu_memory_utilization <= 1:
+        raise RequestError(f"--gpu-memory-utilization must be in (0, 1], got {a.gpu_memory_utilization}")
     if not 0 <= a.max_logprobs <= 20:
         raise RequestError(f"--max-logprobs must be in [0, 20], got {a.max_logprobs}")
     make_guard = chat_guard(a)
     options = {"block_size": a.block_size, "max_num_batched_tokens": a.max_num_batched_tokens,
                "enable_prefix_caching": not a.no_prefix_caching, "cuda_graphs": not a.no_cuda_graphs,
-               "async_scheduling": False if a.no_async_scheduling else None}
+               "async_scheduling": False if a.no_async_scheduling else None,
+               "gpu_memory_utilization": a.gpu_memory_utilization}
     if a.kv_cache_memory is not None:
         options["kv_cache_memory"] = int(a.kv_cache_memory * (1 << 30))
     llm = _llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)

@@ -21,6 +21,7 @@ from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
+from mistral7b.engine.kv_memory import cuda_kv_memory
 from mistral7b.engine.model_runner import ModelRunner, StepInput
 from mistral7b.engine.outputs import StreamEvent
 from mistral7b.engine.sampler import Sampler, SamplerOutput
@@ -33,7 +34,7 @@ from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30
-CUDA_KV_FRACTION = 0.5  # of the GPU memory free after the weights are loaded
+TENSOR_PARALLEL_KV_FRACTION = 0.5  # of the free GPU memory, where no step can be measured (engine/kv_memory.py)
 
 
 @dataclass
@@ -43,7 +44,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int | None = None  # per-step token budget; default max(chunk_size, max_num_seqs)
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for keys and values; default 1 GiB on CPU, half the free GPU
+    kv_cache_memory: int | None = None  # bytes for keys and values; default 1 GiB on CPU, on a GPU as below
+    gpu_memory_utilization: float = 0.9  # share of the card's whole memory for this engine (engine/kv_memory.py)
     num_blocks: int | None = None  # overrides kv_cache_memory
     enable_prefix_caching: bool = True
     attention: str = "auto"  # "torch", "triton" (the paged kernel), or auto: the kernel on CUDA
@@ -60,6 +62,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RequestError(f"{name} must be a positive integer, got {value!r}")
+        value = self.gpu_memory_utilization
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {value!r}")
         for name in ("max_num_batched_tokens", "kv_cache_memory", "num_blocks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -136,7 +141,7 @@ class LLMEngine:
         per_seq = max_blocks_per_seq(config.max_model_len, config.chunk_size, bs, window)
         block_bytes = PagedKVCache.block_bytes(self.args, bs, model.dtype)
         num_blocks = config.num_blocks or min(per_seq * config.max_num_seqs,
-                                              max(1, self._kv_memory(device) // block_bytes))
+                                              max(1, self._kv_memory(device, channel) // block_bytes))
         if channel is not None:  # tensor parallelism: the workers build the same cache and graphs now
             channel.send(("setup", config, num_blocks))
         self.runner = build_runner(model, config, num_blocks, channel)
@@ -155,13 +160,14 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
-    def _kv_memory(self, device: torch.device) -> int:
+    def _kv_memory(self, device: torch.device, channel: StepChannel | None) -> int:
         if self.config.kv_cache_memory is not None:
             return self.config.kv_cache_memory
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * CUDA_KV_FRACTION)
-        return DEFAULT_CPU_KV_MEMORY
+        if device.type != "cuda":
+            return DEFAULT_CPU_KV_MEMORY
+        if channel is not None:  # a step would need the other ranks, which are not set up yet
+            return int(torch.cuda.mem_get_info(device)[0] * TENSOR_PARALLEL_KV_FRACTION)
+        return cuda_kv_memory(self.model, self.config, device)
 
     # ---- requests ------------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
