@@ -119,6 +119,55 @@ def test_bad_inputs_say_what_is_wrong(probs, top_p, message):
         cpu.load(notice=False).top_p_threshold(probs, top_p)
 
 
+def exact_draws(probs: torch.Tensor, limit: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The oracle of draw_above, in float64: the first kept index whose running sum exceeds u * total."""
+    kept = probs.double() * (probs >= limit[:, None]) * (probs > 0)
+    cdf = kept.cumsum(-1)
+    return (cdf <= (u.double() * cdf[:, -1])[:, None]).sum(-1).clamp(max=probs.shape[1] - 1)
+
+
+@pytest.mark.parametrize("make", [flat, peaked, tied, masked])
+@pytest.mark.parametrize("V", [1, 7, 100, 1000, 49152])
+def test_draw_above_is_the_inverse_cdf_of_the_kept_values(make, V):
+    """Every draw is the oracle's for the same u (but within a rounding of a boundary between two tokens), only
+    kept tokens are ever drawn, and limits of zero keep every positive value."""
+    probs = make(64, V, seed=V)
+    g = torch.Generator().manual_seed(V)
+    limit = probs.max(-1).values * torch.rand(64, generator=g) * (torch.rand(64, generator=g) < 0.8)
+    u = torch.rand(64, generator=g)
+    got = cpu.load(notice=False).draw_above(probs, limit, u)
+    want = exact_draws(probs, limit, u)
+    assert got.dtype == torch.long and got.shape == (64,)
+    picked = probs.gather(1, got[:, None])[:, 0]
+    assert (picked >= limit).all() and (picked > 0).all()
+    kept = probs.double() * (probs >= limit[:, None]) * (probs > 0)
+    cdf = kept.cumsum(-1) / kept.sum(-1, keepdim=True)
+    close = (cdf.gather(1, want[:, None])[:, 0] - u.double()).abs() < 1e-5  # u on a boundary: either side
+    assert ((got == want) | close).all(), (got[got != want], want[got != want])
+
+
+def test_draw_above_follows_the_kept_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4]]).repeat(100_000, 1)
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    draws = cpu.load(notice=False).draw_above(probs, torch.full((100_000,), 0.15), u)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    want = torch.tensor([0, 0, 0.2, 0.3, 0.4], dtype=torch.float64) / 0.9
+    assert ((freq - want).abs() < 0.006).all(), freq
+    assert cpu.load(notice=False).draw_above(probs[:2], torch.zeros(2), torch.tensor([0.0, 0.9999999])).tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("probs,limit,u,message", [
+    (torch.rand(2, 8, dtype=torch.float64), torch.rand(2), torch.rand(2), "probs: contiguous float32"),
+    (torch.rand(2, 8), torch.rand(3), torch.rand(2), r"limit: float32 \[rows\]"),
+    (torch.rand(2, 8), torch.rand(2), torch.rand(2, 1), r"u: float32 \[rows\]"),
+    (torch.tensor([[0.5, 0.2]]), torch.tensor([0.9]), torch.rand(1), "row 0 keeps no positive value"),
+    (torch.zeros(1, 4), torch.zeros(1), torch.rand(1), "row 0 keeps no positive value"),
+])
+def test_draw_above_bad_inputs_say_what_is_wrong(probs, limit, u, message):
+    with pytest.raises(RuntimeError, match=message):
+        cpu.load(notice=False).draw_above(probs, limit, u)
+
+
 OTHERS = [cap for cap in build.runnable_capabilities() if cap != torch.backends.cpu.get_cpu_capability()]
 
 

@@ -36,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_p_threshold", &top_p_threshold, nogil(),
         "per row of float32 probabilities, the largest value t with sum(probs[probs >= t]) >= top_p, by a radix "
         "select (no sort)", py::arg("probs"), py::arg("top_p"));
+  m.def("draw_above", &draw_above, nogil(),
+        "per row, a draw among the values >= limit, each with probability value / their sum, from u in [0, 1): "
+        "the kept value where their running sum in vocabulary order first exceeds u * sum",
+        py::arg("probs"), py::arg("limit"), py::arg("u"));
   m.def("int4_linear", &int4_linear, nogil(),
         "x @ w.T for int4 weights (q * scale + min per group), x as int16 per 32", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("mins"));

@@ -38,6 +38,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // sample.cpp: per row, the largest value t with sum(probs[probs >= t]) >= top_p (probs >= t: the nucleus)
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p);
+// a draw per row among the values >= limit[row], each with probability value / their sum (u[row] in [0, 1))
+at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at::Tensor& u);
 
 // blocks.cpp: a decode step's transformer blocks in one call, built once per model
 class DecodeStack {

@@ -199,7 +199,74 @@ float row_threshold(const float* x, int64_t V, double p, Scratch& scratch, Statu
                   static_cast<uint32_t>(b3));
 }
 
+// Sum of the row's values >= limit, vectorised (float lanes, summed in double per 16 elements).
+double kept_sum(const float* x, int64_t V, float limit) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec lim(limit), zero(0.0f);
+  double total = 0.0;
+  int64_t i = 0;
+  for (; i + 4 * Vec::size() <= V; i += 4 * Vec::size()) {
+    Vec acc = zero;
+    for (int j = 0; j < 4; ++j) {
+      const Vec v = Vec::loadu(x + i + j * Vec::size());
+      acc = acc + Vec::blendv(zero, v, v >= lim);
+    }
+    total += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+  for (; i < V; ++i) total += x[i] >= limit ? x[i] : 0.0f;
+  return total;
+}
+
+// The index i of a kept value (x[i] >= limit > 0) where the kept values' running sum first exceeds u * total,
+// in vocabulary order; the last kept index where rounding leaves the target past the end; -1 if none is kept.
+// Blocks of 64 whose kept sum does not reach the target are skipped whole.
+int64_t draw_row(const float* x, int64_t V, float limit, double u) {
+  const double target = u * kept_sum(x, V, limit);
+  double run = 0.0;
+  constexpr int64_t kBlock = 64;
+  for (int64_t start = 0; start < V; start += kBlock) {
+    const int64_t n = std::min(kBlock, V - start);
+    const double block = kept_sum(x + start, n, limit);
+    if (run + block <= target) {
+      run += block;
+      continue;
+    }
+    for (int64_t i = start; i < start + n; ++i) {
+      if (!(x[i] >= limit)) continue;
+      run += x[i];
+      if (run > target) return i;
+    }
+  }
+  for (int64_t i = V - 1; i >= 0; --i)  // rounding left the target past the end: the last kept value
+    if (x[i] >= limit) return i;
+  return -1;
+}
+
 }  // namespace
+
+at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at::Tensor& u) {
+  TORCH_CHECK(probs.scalar_type() == at::kFloat && probs.dim() == 2 && probs.is_contiguous() && probs.size(1) > 0,
+              "probs: contiguous float32 [rows, vocab]");
+  TORCH_CHECK(limit.scalar_type() == at::kFloat && limit.dim() == 1 && limit.size(0) == probs.size(0),
+              "limit: float32 [rows]");
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.dim() == 1 && u.size(0) == probs.size(0), "u: float32 [rows]");
+  TORCH_CHECK(!probs.is_cuda() && !limit.is_cuda() && !u.is_cuda(), "probs, limit, u: CPU tensors");
+  const int64_t R = probs.size(0), V = probs.size(1);
+  const at::Tensor lc = limit.contiguous(), uc = u.contiguous();
+  auto out = at::empty({R}, probs.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* base = probs.data_ptr<float>();
+  const float* lp = lc.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  parallel_for(R, [&](int64_t r) {
+    // a limit of 0 keeps zeros too, which are never drawn: the smallest positive float instead
+    const float lim = std::max(lp[r], std::numeric_limits<float>::denorm_min());
+    o[r] = draw_row(base + r * V, V, lim, static_cast<double>(up[r]));
+  });
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(o[r] >= 0, "probs: row ", r, " keeps no positive value at or above its limit");
+  return out;
+}
 
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p) {
   TORCH_CHECK(probs.scalar_type() == at::kFloat, "probs: float32, got ", probs.scalar_type());
