@@ -153,7 +153,8 @@ def test_draw_above_follows_the_kept_distribution():
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
     want = torch.tensor([0, 0, 0.2, 0.3, 0.4], dtype=torch.float64) / 0.9
     assert ((freq - want).abs() < 0.006).all(), freq
-    assert cpu.load(notice=False).draw_above(probs[:2], torch.zeros(2), torch.tensor([0.0, 0.9999999])).tolist() == [0, 4]
+    ends = cpu.load(notice=False).draw_above(probs[:2], torch.zeros(2), torch.tensor([0.0, 0.9999999]))
+    assert ends.tolist() == [0, 4]
 
 
 @pytest.mark.parametrize("probs,limit,u,message", [
@@ -166,6 +167,32 @@ def test_draw_above_follows_the_kept_distribution():
 def test_draw_above_bad_inputs_say_what_is_wrong(probs, limit, u, message):
     with pytest.raises(RuntimeError, match=message):
         cpu.load(notice=False).draw_above(probs, limit, u)
+
+
+def test_penalize_gives_the_samplers_torch_bits():
+    """The repetition, presence and frequency penalties in one pass equal Sampler._penalize's PyTorch ops bit for
+    bit: rows from any slots, counts and prompt marks of their own, per-row penalties (1 / 0 / 0: unchanged)."""
+    g = torch.Generator().manual_seed(0)
+    slots_total, V, R = 9, 4099, 6
+    counts = torch.randint(0, 4, (slots_total, V), generator=g, dtype=torch.int32)
+    counts *= torch.rand(slots_total, V, generator=g) < 0.1
+    seen = torch.rand(slots_total, V, generator=g) < 0.05
+    x = torch.randn(R, V, generator=g) * 5
+    slots = torch.tensor([3, 0, 8, 3, 5, 1])
+    rep = torch.tensor([1.3, 0.7, 1.0, 2.0, 1.1, 1.0])
+    pres = torch.tensor([0.5, -0.2, 0.0, 1.5, 0.0, 0.0])
+    freq = torch.tensor([0.3, 0.1, 0.0, -0.4, 0.7, 0.0])
+    c = counts[slots]
+    present = c > 0
+    want = torch.where(present | seen[slots], torch.where(x > 0, x / rep[:, None], x * rep[:, None]), x)
+    want = want - pres[:, None] * present.to(x.dtype) - freq[:, None] * c.to(x.dtype)
+    got = cpu.load(notice=False).penalize(x, counts, seen, slots, rep, pres, freq)
+    assert torch.equal(got, want)
+    assert torch.equal(got[5], x[5])  # no penalty: the row as it was
+    with pytest.raises(RuntimeError, match="row 1 names slot 9 of 9"):
+        cpu.load(notice=False).penalize(x, counts, seen, torch.tensor([0, 9, 0, 0, 0, 0]), rep, pres, freq)
+    with pytest.raises(RuntimeError, match="counts: contiguous int32"):
+        cpu.load(notice=False).penalize(x, counts.long(), seen, slots, rep, pres, freq)
 
 
 OTHERS = [cap for cap in build.runnable_capabilities() if cap != torch.backends.cpu.get_cpu_capability()]

@@ -40,6 +40,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per row, a draw among the values >= limit, each with probability value / their sum, from u in [0, 1): "
         "the kept value where their running sum in vocabulary order first exceeds u * sum",
         py::arg("probs"), py::arg("limit"), py::arg("u"));
+  m.def("penalize", &penalize, nogil(),
+        "rows x with the repetition (divide positive, multiply negative), presence and frequency penalties of "
+        "their slots' output counts and prompt marks: engine/sampler.py's ops, the same bits, in one pass",
+        py::arg("x"), py::arg("counts"), py::arg("seen"), py::arg("slots"), py::arg("repetition"),
+        py::arg("presence"), py::arg("frequency"));
   m.def("int4_linear", &int4_linear, nogil(),
         "x @ w.T for int4 weights (q * scale + min per group), x as int16 per 32", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("mins"));

@@ -40,6 +40,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p);
 // a draw per row among the values >= limit[row], each with probability value / their sum (u[row] in [0, 1))
 at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at::Tensor& u);
+// the repetition, presence and frequency penalties of rows x from their slots' counts and prompt marks
+at::Tensor penalize(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& seen, const at::Tensor& slots,
+                    const at::Tensor& repetition, const at::Tensor& presence, const at::Tensor& frequency);
 
 // blocks.cpp: a decode step's transformer blocks in one call, built once per model
 class DecodeStack {

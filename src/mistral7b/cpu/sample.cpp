@@ -268,6 +268,47 @@ at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at
   return out;
 }
 
+at::Tensor penalize(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& seen, const at::Tensor& slots,
+                    const at::Tensor& repetition, const at::Tensor& presence, const at::Tensor& frequency) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x: contiguous float32 [rows, vocab]");
+  const int64_t R = x.size(0), V = x.size(1);
+  TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 2 && counts.size(1) == V && counts.is_contiguous(),
+              "counts: contiguous int32 [slots, vocab]");
+  TORCH_CHECK(seen.scalar_type() == at::kBool && seen.sizes() == counts.sizes() && seen.is_contiguous(),
+              "seen: contiguous bool, the shape of counts");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == R, "slots: int64 [rows]");
+  for (const at::Tensor* t : {&repetition, &presence, &frequency})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == R, "penalties: float32 [rows]");
+  const at::Tensor sl = slots.contiguous(), rp = repetition.contiguous(), pr = presence.contiguous(),
+                   fr = frequency.contiguous();
+  const int64_t* slot = sl.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(slot[r] >= 0 && slot[r] < counts.size(0), "slots: row ", r, " names slot ", slot[r], " of ",
+                counts.size(0));
+  auto out = at::empty(x.sizes(), x.options());
+  const float* xs = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int32_t* cs = counts.data_ptr<int32_t>();
+  const bool* ss = seen.data_ptr<bool>();
+  const float *rps = rp.data_ptr<float>(), *prs = pr.data_ptr<float>(), *frs = fr.data_ptr<float>();
+  parallel_for(R, [&](int64_t r) {
+    const float* xr = xs + r * V;
+    float* orow = o + r * V;
+    const int32_t* c = cs + slot[r] * V;
+    const bool* seen_row = ss + slot[r] * V;
+    const float rep = rps[r], pres = prs[r], freq = frs[r];
+    for (int64_t v = 0; v < V; ++v) {  // Sampler._penalize's ops in its order: the same bits
+      const float present = c[v] > 0 ? 1.0f : 0.0f;
+      float value = xr[v];
+      if (c[v] > 0 || seen_row[v]) value = value > 0.0f ? value / rep : value * rep;
+      value = value - pres * present;
+      orow[v] = value - freq * static_cast<float>(c[v]);
+    }
+  });
+  return out;
+}
+
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p) {
   TORCH_CHECK(probs.scalar_type() == at::kFloat, "probs: float32, got ", probs.scalar_type());
   TORCH_CHECK(probs.dim() == 2, "probs: [rows, vocab], got ", probs.dim(), " dimension(s)");

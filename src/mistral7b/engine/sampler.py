@@ -165,7 +165,9 @@ class Sampler:
             raw = logits.log_softmax(-1)
             if logprobs:
                 out.logprobs = raw.gather(1, picks[:, None])[:, 0]
-            if top_logprobs:
+            if top_logprobs == 1:  # a row's maximum: topk(1) sorts candidates (5x slower on a CPU)
+                out.top_logprobs, out.top_ids = raw.max(-1, keepdim=True)
+            elif top_logprobs:
                 out.top_logprobs, out.top_ids = raw.topk(min(top_logprobs, self.vocab), dim=-1)
         return out
 
@@ -185,6 +187,10 @@ class Sampler:
         return x
 
     def _penalize(self, x: torch.Tensor, p: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        native = _native_draws(x)
+        if native is not None and hasattr(native, "penalize"):  # one pass, no [B, vocab] gathers: same bits
+            return native.penalize(x.contiguous(), self.counts, self.seen, slots, p[:, REPETITION].contiguous(),
+                                   p[:, PRESENCE].contiguous(), p[:, FREQUENCY].contiguous())
         counts = self.counts[slots]  # [B, vocab]
         present = counts > 0
         penalty = p[:, REPETITION, None]
