@@ -72,8 +72,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         outputs[k].append(event.token_id)
         if not body.logprobs:
             return None
-        entry = _entry(state.token_text(context, event.token_id), event.logprob)
-        entry["top_logprobs"] = [_entry(t, lp) for t, lp in state.top_texts(context, event.top_logprobs)]
+        text, top = state.sampled_texts(context, event.token_id, event.top_logprobs)
+        entry = _entry(text, event.logprob)
+        entry["top_logprobs"] = [_entry(t, lp) for t, lp in top]
         entries[k].append(entry)
         return entry
 

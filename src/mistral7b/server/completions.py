@@ -95,9 +95,10 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
         if event.token_id is not None:
             context = choice.token_ids  # the completion's text is decoded from its own tokens: so are theirs
             if logprobs:
-                choice.tokens.append(state.token_text(context, event.token_id))
+                text, top = state.sampled_texts(context, event.token_id, event.top_logprobs)
+                choice.tokens.append(text)
                 choice.token_logprobs.append(event.logprob)
-                choice.top_logprobs.append(dict(state.top_texts(context, event.top_logprobs)))
+                choice.top_logprobs.append(dict(top))
             choice.token_ids.append(event.token_id)
         choice.text += event.text
         return index, event.text

@@ -80,22 +80,37 @@ class ServerState:
     # ---- token texts for logprobs --------------------------------------------------------------------
     def token_text(self, context: Sequence[int], token: int) -> str:
         """The text `token` adds after `context` (the last few tokens are enough)."""
+        return self.texts_after(context, [token])[0]
+
+    def texts_after(self, context: Sequence[int], tokens: Sequence[int]) -> list[str]:
+        """The text each of `tokens` would add after `context`: the context decoded once, each distinct token
+        once (a sampled token is usually among its own top logprobs)."""
         tok = self.llm.tokenizer
         if tok is None:
-            return f"<{token}>"
+            return [f"<{t}>" for t in tokens]
         ctx = list(context[-CONTEXT_TOKENS:])
         before = tok.decode(ctx) if ctx else ""
-        after = tok.decode(ctx + [token])
-        if after.startswith(before):
-            return after[len(before) :]
-        return tok.decode([token])
+        texts: dict[int, str] = {}
+        for t in tokens:
+            if t not in texts:
+                after = tok.decode(ctx + [t])
+                texts[t] = after[len(before) :] if after.startswith(before) else tok.decode([t])
+        return [texts[t] for t in tokens]
 
     def token_texts(self, ids: Sequence[int], start: int = 0) -> list[str]:
         """Texts of ids[start:], each in the context of the ids before it."""
         return [self.token_text(ids[:i], ids[i]) for i in range(start, len(ids))]
 
     def top_texts(self, context: Sequence[int], top: list[tuple[int, float]] | None) -> list[tuple[str, float]]:
-        return [(self.token_text(context, t), lp) for t, lp in (top or [])]
+        top = top or []
+        return list(zip(self.texts_after(context, [t for t, _ in top]), (lp for _, lp in top)))
+
+    def sampled_texts(self, context: Sequence[int], token: int, top: list[tuple[int, float]] | None
+                      ) -> tuple[str, list[tuple[str, float]]]:
+        """A sampled token's text and its top logprobs' texts, from one decode of the context."""
+        top = top or []
+        texts = self.texts_after(context, [token] + [t for t, _ in top])
+        return texts[0], list(zip(texts[1:], (lp for _, lp in top)))
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
