@@ -22,10 +22,12 @@ from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
-from mistral7b import cpu
+from bench.gpu import timed  # noqa: E402
+from mistral7b import cpu  # noqa: E402
 from mistral7b.engine.sampler import Sampler  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -38,22 +40,10 @@ KINDS = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
+    return 1e3 * statistics.median(timed(fn, device, reps))
 
 
 def logits_for(rows: int, vocab: int, flat: bool, device: torch.device) -> torch.Tensor:
