@@ -4,10 +4,10 @@ bench/gpu.py measures the engine as shipped; this one measures what each switch 
 same minute (machines differ by a few percent in their ceilings, so comparisons across runs are weaker):
 - batch 1 (512-token prompt, 256 greedy tokens, best of 3): programmatic dependent launch on / off
   (MISTRAL7B_PDL, kernels/pdl.py); the norm before w13 started in wo's GEMV and finished in w13's, or a kernel
-  (kernels/gemv.FFN_NORM_IN_WO); wo's epilogue loads before or after its loop (kernels/gemv.EARLY_EPILOGUE);
+  (GemvFusion.ffn_norm_in_wo, an engine setting); wo's epilogue loads before or after its loop (kernels/gemv.EARLY_EPILOGUE);
   all norms folded into wqkv's and the output's GEMVs and w2's residual add into its GEMV, or apart
-  (kernels/gemv.FOLD_NORMS); SwiGLU's product in w13's GEMV or in w2's
-  (kernels/gemv.SWIGLU_EPILOGUE); a split's first key block of earlier steps loaded before or after PDL's wait
+  (GemvFusion.fold_norms); SwiGLU's product in w13's GEMV or in w2's
+  (GemvFusion.swiglu_epilogue); a split's first key block of earlier steps loaded before or after PDL's wait
   (kernels/paged_attention.KV_BEFORE_WAIT); the output's tile swept with its norm fold or the one before
   (kernels/gemv.CONFIGS); greedy picks by our argmax kernel or PyTorch's (kernels/argmax.py); the decode graph
   reading its inputs from pinned memory and making the picks itself, or a copy in and the argmax and a copy
@@ -75,16 +75,18 @@ def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
 def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
               ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1,
               kv_before_wait: bool = True, output_tile: tuple[int, ...] = OUTPUT_TILE, argmax_kernel: bool = True,
-              zero_copy: bool = True) -> None:
+              zero_copy: bool = True) -> dict:
+    """Sets the switches that are still module-level; returns the engine options of the others."""
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
     paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
-    gemv.FOLD_NORMS, gemv.SWIGLU_EPILOGUE, paged.MAX_SPLITS = fold_norms, swiglu_epilogue, splits
-    gemv.FFN_NORM_IN_WO, gemv.EARLY_EPILOGUE = ffn_norm_in_wo, early_epilogue
+    paged.MAX_SPLITS = splits
+    gemv.EARLY_EPILOGUE = early_epilogue
     paged_attention.DECODE_WARPS = warps
     paged_attention.KV_BEFORE_WAIT = kv_before_wait
     gemv.CONFIGS[(32000, 4096)] = output_tile
     sampler._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
     cuda_graphs.ZERO_COPY = zero_copy
+    return {"gemv_fusion": gemv.GemvFusion(fold_norms, swiglu_epilogue, ffn_norm_in_wo)}
 
 
 def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
@@ -160,8 +162,7 @@ def main() -> None:
                       ("the kernels of two sessions ago", previous),
                       ("... and a separate rotary-store kernel", dict(previous, rope_in_gemv=False))]
     for label, kw in variants:
-        configure(**kw)
-        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, **options))
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, **options, **configure(**kw)))
         decode(engine, warm, 32)
         runs = [decode(engine, ids, new) for _ in range(reps)]
         tokens = runs[-1][1]
@@ -178,8 +179,7 @@ def main() -> None:
         wide += [("... and PyTorch's argmax", dict(argmax_kernel=False, zero_copy=False)),
                  ("2 warps a decode tile", dict(warps=2))]
     for label, kw in wide:
-        configure(**kw)
-        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options))
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=requests, **options, **configure(**kw)))
         throughput(engine, requests, prompt, 8, args.vocab_size, seed=1)
         rates = [throughput(engine, requests, prompt, new, args.vocab_size, seed=s) for s in (2, 3)]
         print(f"{requests} requests, {label:46s} {max(rates):9,.0f} output tok/s "

@@ -76,15 +76,23 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
         return forward_one_token(self, h, *args)
 
     monkeypatch.setattr(gemv_module, "takes_kernel", takes_kernel)
-    monkeypatch.setattr(gemv_module, "FOLD_NORMS", fold_norms)
-    monkeypatch.setattr(gemv_module, "SWIGLU_EPILOGUE", swiglu_epilogue)
-    monkeypatch.setattr(gemv_module, "FFN_NORM_IN_WO", ffn_norm_in_wo)
     monkeypatch.setattr(Transformer, "_forward_one_token", spy)
+    prenorm, prenorm_calls = gemv_module.gemv_residual_prenorm, []
+
+    def counted_prenorm(*args, **kwargs):
+        prenorm_calls.append(1)
+        return prenorm(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_module, "gemv_residual_prenorm", counted_prenorm)
     model = fuse_projections(copy.deepcopy(windowed).to(DEVICE))
     prompts = make_prompts([3 * W + 2], seed=12)
     params = [greedy(2 * W + 3)]
+    fusion = gemv_module.GemvFusion(fold_norms, swiglu_epilogue, ffn_norm_in_wo)
     out, engine = engine_generate(model, prompts, params, chunk_size=W + 1, block_size=4, attention="triton",
-                                  enable_prefix_caching=False)
+                                  enable_prefix_caching=False, gemv_fusion=fusion)
+    assert model.gemv_fusion is fusion
+    if engine.runner.graphs is None:  # the engine's setting is what the steps ran
+        assert bool(prenorm_calls) == (fold_norms and ffn_norm_in_wo)
     # wqkv, wo, w13, w2 and the output at every decode step (on a GPU decode steps replay CUDA graphs, so the
     # dispatch runs only while they are captured)
     assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))

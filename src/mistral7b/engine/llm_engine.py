@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
+from mistral7b.kernels.gemv import GemvFusion
 from mistral7b.model import cpu_decode
 from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
@@ -52,6 +53,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
     async_scheduling: bool | None = None  # greedy decode steps launched one ahead of the host's bookkeeping;
     # None: on where decode steps replay CUDA graphs (measured there: bench/README.md), off elsewhere
+    gemv_fusion: GemvFusion = field(default_factory=GemvFusion)  # what one-token GPU steps fold into their GEMVs
 
     def validate(self) -> None:
         for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
@@ -135,6 +137,7 @@ class LLMEngine:
         """`channel`: set on rank 0 of a tensor-parallel group (distributed/launch.py)."""
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        model.gemv_fusion = config.gemv_fusion  # the one-token path's fusions, chosen once here
         self.args = model.args
         device = model.norm.weight.device
         bs, window = config.block_size, self.args.sliding_window

@@ -56,14 +56,20 @@ CONFIGS = {
     (32000, 4096): (8, 1024, 4, 3),  # output, with the final norm folded in (below)
 }
 DEFAULT = (8, 512, 4, 3)
-# One-token steps (model/transformer.py, Transformer._forward_one_token): FOLD_NORMS folds the RMSNorm before
-# wqkv and before the output into those GEMVs and w2's residual add into w2's; SWIGLU_EPILOGUE forms SwiGLU's
-# product in w13's GEMV (rather than in w2's). False keeps the separate kernels (to measure the difference).
-FOLD_NORMS = True
-SWIGLU_EPILOGUE = True
-# With FOLD_NORMS: wo's GEMV adds to the residual and starts the norm before w13 (`gemv_residual_prenorm`),
-# w13's finishes it (`rms=`); False keeps kernels/norms.add_rms_norm between them.
-FFN_NORM_IN_WO = True
+
+
+@dataclass(frozen=True)
+class GemvFusion:
+    """What one-token steps (model/transformer.py, Transformer._forward_one_token) fold into their GEMVs: an
+    engine setting (EngineConfig.gemv_fusion), given to the model once at load. All on by measurement; off keeps
+    the separate kernels, to measure the difference."""
+
+    fold_norms: bool = True  # the RMSNorm before wqkv and the output in those GEMVs, w2's residual add in w2's
+    swiglu_epilogue: bool = True  # SwiGLU's product in w13's GEMV (rather than in w2's)
+    # with fold_norms: wo's GEMV adds to the residual and starts the norm before w13 (`gemv_residual_prenorm`),
+    # w13's finishes it (`rms=`); False keeps kernels/norms.add_rms_norm between them
+    ffn_norm_in_wo: bool = True
+
 # wo's epilogue loads before its loop (see the kernel); False: after it, as the other epilogues do.
 EARLY_EPILOGUE = True
 

@@ -129,6 +129,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq: torch.Tensor | None = None
         self.decode_stack: Any = None  # the extension's blocks for CPU decode steps (model/cpu_decode.prepare)
+        self.gemv_fusion: Any = None  # kernels.gemv.GemvFusion of one-token steps, set by the engine; None: all on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,8 +260,9 @@ class Transformer(nn.Module):
         from mistral7b.kernels import gemv as kernels
         from mistral7b.kernels.norms import add_rms_norm
 
-        gemv, fold, swiglu, eps = kernels.gemv, kernels.FOLD_NORMS, kernels.SWIGLU_EPILOGUE, self.args.norm_eps
-        ffn_norm_in_wo = fold and kernels.FFN_NORM_IN_WO
+        fusion = self.gemv_fusion or kernels.GemvFusion()
+        gemv, fold, swiglu, eps = kernels.gemv, fusion.fold_norms, fusion.swiglu_epilogue, self.args.norm_eps
+        ffn_norm_in_wo = fold and fusion.ffn_norm_in_wo
         residual, delta = h, None  # [1, 1, dim], as every tensor of the loop: attend_qkv takes [1, N, dim]
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
