@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mistral7b.config import ModelArgs
-from mistral7b.distributed.tensor_parallel import Shard, check_shardable, slice_spec
+from mistral7b.model.tensor_parallel import Shard, check_shardable, slice_spec
 from mistral7b.errors import RequestError
 from mistral7b.loading import open_checkpoint
 from mistral7b.loading.writers import save_hf, save_native

@@ -24,8 +24,27 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import Protocol
 
-from mistral7b.engine.sequence import Sequence
+
+class Sequence(Protocol):
+    """What the block manager reads and writes of a sequence (engine/sequence.Sequence is one): its tokens,
+    how many are computed and cached, and its blocks."""
+
+    token_ids: list[int]
+    num_prompt: int
+    num_computed: int
+    num_cached_tokens: int
+    block_table: list[int]
+    first_live_block: int
+    block_hashes: list[bytes]
+    num_committed_blocks: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_output(self) -> int: ...
 
 NULL_BLOCK = 0
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mistral7b.distributed.channel import StepChannel
-from mistral7b.distributed.tensor_parallel import Shard
+from mistral7b.model.tensor_parallel import Shard
 from mistral7b.errors import RequestError, WorkerError
 
 

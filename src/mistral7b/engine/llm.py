@@ -18,7 +18,7 @@ import torch
 
 from mistral7b.default_model import default_model_path
 from mistral7b.distributed.launch import WorkerSpec, end_torchrun_worker, run_worker, start_group, stop_group
-from mistral7b.distributed.tensor_parallel import check_shardable
+from mistral7b.model.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.generation_config import sampling_defaults

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mistral7b import cpu
-from mistral7b.distributed.tensor_parallel import Shard, local_args, parallelize, slice_spec, take_slice
+from mistral7b.model.tensor_parallel import Shard, local_args, parallelize, slice_spec, take_slice
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
 from mistral7b.loading.gguf_blocks import PACKABLE, GGUFBlocks
@@ -53,7 +53,7 @@ def build_model(
     quantize: str | None = None,
     shard: Shard | None = None,
 ) -> Transformer:
-    """`shard`: build this tensor-parallel rank's part only (distributed/tensor_parallel.py): local sizes,
+    """`shard`: build this tensor-parallel rank's part only (model/tensor_parallel.py): local sizes,
     only the rank's slices read, the communicating layers wrapped. Float weights only."""
     if quantize not in QUANTIZE_MODES:
         raise CheckpointError(f"unknown quantization {quantize!r} (expected int8, int4 or auto)")
