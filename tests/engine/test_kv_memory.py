@@ -1,19 +1,21 @@
 """The KV cache's size on a GPU (engine/kv_memory.py): a share of the whole card, less what is in use and a
-measured step. The arithmetic and its errors everywhere; the measured step and the sizing on a real GPU."""
+measured step. The arithmetic, its errors and the measured step's engine everywhere; the sizing on a real GPU."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+from mistral7b.cache.paged import PagedKVCache
 from mistral7b.engine import kv_memory
 from mistral7b.engine.kv_memory import GIB, GRAPH_RESERVE, kv_bytes
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.errors import RequestError
-from tests.conftest import random_model, tiny_args
+from tests.conftest import engine_generate, random_model, tiny_args
 
 
 def test_the_cache_gets_the_share_left_after_what_is_in_use_and_a_step():
@@ -58,3 +60,31 @@ def test_on_a_gpu_the_measured_step_and_the_share_size_the_cache():
         engine.add_request(i, list(range(1, 40)), SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
+
+
+def test_the_probe_step_runs_a_full_budget_and_leaves_the_model_as_it_was(monkeypatch):
+    """The measured step's engine, run where there is no GPU (the memory counters stubbed): every row is
+    admitted, pre-filled within one budget and sampled, and the model serves a real engine afterwards."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1000 + (64 << 20))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    steps = []
+    step = LLMEngine.step
+
+    def counted(self):
+        steps.append(sum(len(s) for s in self.requests.values()))
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", counted)
+    model = random_model(tiny_args(window=8), seed=1)
+    config = EngineConfig(max_model_len=256, max_num_seqs=8, chunk_size=64, max_num_batched_tokens=128)
+    peak = kv_memory.step_peak(model, config, torch.device("cpu"))
+    cache_bytes = (8 * (math.ceil(17 / 16) + 1) + 1) * PagedKVCache.block_bytes(model.args, 16, model.dtype)
+    assert peak == max(0, (64 << 20) - cache_bytes)
+    assert calls == ["reset", "empty"] and steps[0] == 8  # all 8 rows in the first step
+    monkeypatch.setattr(LLMEngine, "step", step)
+    out, _ = engine_generate(model, [[1, 2, 3]], [SamplingParams(max_tokens=3, temperature=0)])
+    assert len(out[0][0][0]) == 3
