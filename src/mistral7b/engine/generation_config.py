@@ -15,7 +15,7 @@ use them; `--generation-config none` (server) asks for OpenAI's neutral defaults
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from mistral7b.config import read_json
@@ -35,8 +35,7 @@ class SamplingDefaults:
 
     def fields(self) -> dict[str, Any]:
         """The sampling fields, for SamplingParams(**...)."""
-        values = asdict(self)
-        return {k: values[k] for k in SAMPLING_FIELDS}
+        return {k: getattr(self, k) for k in SAMPLING_FIELDS}  # per request: no deep copy (asdict)
 
     def describe(self) -> str:
         return (f"temperature {self.temperature:g}, top-k {self.top_k}, top-p {self.top_p:g}, "
