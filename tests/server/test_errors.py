@@ -71,6 +71,9 @@ BAD_BODIES = [
     ("/v1/completions", json.dumps({**COMPLETION, "logprobs": 30}), "logprobs"),
     ("/v1/completions", json.dumps({**COMPLETION, "suffix": "x"}), None),
     ("/v1/completions", json.dumps({**COMPLETION, "logit_bias": {"abc": 1}}), None),
+    ("/v1/completions", json.dumps({**COMPLETION, "logit_bias": {"999999": 5}}), None),  # outside the vocabulary
+    ("/v1/chat/completions", json.dumps({**CHAT, "logit_bias": {"32000": 5}}), None),  # one past the last id
+    ("/v1/completions", json.dumps({**COMPLETION, "stop_token_ids": [5, 40000]}), None),
     ("/v1/completions", json.dumps({**COMPLETION, "seed": -1}), "seed"),
     ("/v1/completions", json.dumps({"model": MODEL}), "prompt"),
     ("/tokenize", json.dumps({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}), None),

@@ -181,6 +181,10 @@ class LLMEngine:
         for t in prompt_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise RequestError(f"token id {t!r} is not in [0, {vocab})")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:  # vLLM refuses these too; a bias outside the vocabulary has no logit to add to
+                raise RequestError(f"{name}: token id {outside[0]} is not in [0, {vocab})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.config.max_model_len:
             raise RequestError(
