@@ -53,13 +53,15 @@ class Server:
         return openai.AsyncOpenAI(base_url=self.v1, api_key=kw.pop("api_key", API_KEY), max_retries=0, **kw)
 
     def metrics(self) -> dict[str, float]:
-        """The samples of /metrics without labels, by name."""
+        """The samples of /metrics whose one label is the served model_name (every metric has it), by name."""
+        import re
+
         text = httpx.get(self.url + "/metrics", timeout=10).text
         out = {}
         for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
+            match = re.fullmatch(r'([^{\s]+)\{model_name="[^"]+"\} (\S+)', line)
+            if match:
+                out[match[1]] = float(match[2])
         return out
 
     def stop(self) -> int:

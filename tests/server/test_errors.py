@@ -129,6 +129,7 @@ def test_full_queue_is_a_429_and_the_server_recovers(tmp_path):
                     assert second.status_code == 200  # waiting: the queue holds one
                     r = httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
                     assert_error(r, 429, code="queue_full")
+                    assert r.headers["retry-after"] == "1"  # what clients back off by
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200
     finally:

@@ -14,7 +14,15 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 def test_models_and_health(server):
-    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    import openai
+
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    card = client.models.retrieve(MODEL)  # GET /v1/models/{id}
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 

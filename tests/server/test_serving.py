@@ -84,7 +84,9 @@ def test_metrics_count_requests_and_tokens(tiny_model, tmp_path):
         assert m["mistral7b:e2e_request_latency_seconds_count"] == R
         assert m["mistral7b:prompt_tokens_total"] > 0
         text = httpx.get(s.url + "/metrics").text
-        assert 'mistral7b:request_success_total{finished_reason="length"} 5.0' in text
+        assert f'mistral7b:request_success_total{{finished_reason="length",model_name="{name}"}} 5.0' in text
+        samples = [line for line in text.splitlines() if line.startswith("mistral7b:")]
+        assert samples and all(f'model_name="{name}"' in line for line in samples)  # vLLM's label, everywhere
     finally:
         s.stop()
 

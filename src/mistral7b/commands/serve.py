@@ -93,7 +93,7 @@ def run(a: argparse.Namespace) -> int:
     llm = _llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)
     name = a.served_model_name or _model_name(llm.model_path)
     engine = AsyncEngine(llm.engine, max_waiting=a.max_queue)
-    metrics = Metrics(llm.engine, lambda: engine.num_requests)
+    metrics = Metrics(llm.engine, lambda: engine.num_requests, name)
     engine.metrics = metrics
     state = ServerState(llm=llm, engine=engine, metrics=metrics, served_name=name, api_key=a.api_key or None,
                         guard=make_guard(llm) if make_guard else None, max_logprobs=a.max_logprobs,

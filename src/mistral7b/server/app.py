@@ -110,11 +110,19 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
             return APIError(503, "the engine is not running", "unavailable_error", code="engine_dead").response()
         return JSONResponse({"status": "ok"})
 
+    def card() -> dict[str, Any]:
+        return {"id": state.served_name, "object": "model", "created": created, "owned_by": "mistral7b",
+                "root": state.served_name, "parent": None, "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": state.served_name, "object": "model", "created": created, "owned_by": "mistral7b",
-            "root": state.served_name, "parent": None, "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        """One model's card (what the OpenAI client's models.retrieve reads); 404 for any other name."""
+        state.check_model(model)
+        return card()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -96,7 +96,7 @@ class AsyncEngine:
         self.engine.check_prompt(prompt_ids, params)
         if len(self._streams) - self.engine.num_running >= self.max_waiting:
             raise APIError(429, f"the server is busy: {self.max_waiting} requests are already waiting; retry later",
-                           "rate_limit_error", code="queue_full")
+                           "rate_limit_error", code="queue_full", retry_after=1)
         rid = uuid.uuid4().hex
         stream = _Stream(asyncio.Queue(), time.monotonic(), len(prompt_ids))
         self._streams[rid] = stream

@@ -29,16 +29,18 @@ class APIError(StarletteHTTPException):
     through unchanged from wherever it is raised (even while the body is read)."""
 
     def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(status, message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or TYPES.get(status, "invalid_request_error")
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def as_api_error(e: BaseException) -> APIError:

@@ -21,39 +21,49 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 class _EngineCounters:
     """Counters the engine keeps itself (preemptions, prefix cache), exposed at scrape time."""
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        yield CounterMetricFamily(PREFIX + "num_preemptions", "Sequences preempted (freed and recomputed).",
-                                  value=self.engine.scheduler.num_preemptions)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=self.engine.blocks.prefix_queries)
-        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                  value=self.engine.blocks.prefix_hits)
+        for name, doc, value in (
+                ("num_preemptions", "Sequences preempted (freed and recomputed).",
+                 self.engine.scheduler.num_preemptions),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                 self.engine.blocks.prefix_queries),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.engine.blocks.prefix_hits)):
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
 
 
 class Metrics:
-    def __init__(self, engine: LLMEngine, active_requests):
-        """`active_requests()` gives the number of requests the server holds (running or waiting)."""
+    def __init__(self, engine: LLMEngine, active_requests, model_name: str):
+        """`active_requests()` gives the number of requests the server holds (running or waiting). Every metric
+        carries the served `model_name` as a label, as vLLM's do (dashboards filter on it)."""
         self.registry = r = CollectorRegistry()
-        running = Gauge(PREFIX + "num_requests_running", "Sequences in the running batch.", registry=r)
-        running.set_function(lambda: engine.num_running)
-        waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
-        waiting.set_function(lambda: max(0, active_requests() - engine.num_running))
-        usage = Gauge(PREFIX + "kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1).", registry=r)
-        usage.set_function(lambda: engine.blocks.usage)
-        r.register(_EngineCounters(engine))
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens received.", registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
-        self.request_success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
-                                       ["finished_reason"], registry=r)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        label = {"model_name": model_name}
+
+        def gauge(name: str, doc: str, read) -> None:
+            Gauge(PREFIX + name, doc, ["model_name"], registry=r).labels(**label).set_function(read)
+
+        gauge("num_requests_running", "Sequences in the running batch.", lambda: engine.num_running)
+        gauge("num_requests_waiting", "Requests waiting to be scheduled.",
+              lambda: max(0, active_requests() - engine.num_running))
+        gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1).", lambda: engine.blocks.usage)
+        r.register(_EngineCounters(engine, model_name))
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens received.", ["model_name"],
+                                     registry=r).labels(**label)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model_name"],
+                                         registry=r).labels(**label)
+        self._success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self.model_name = model_name
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", ["model_name"],
+                              buckets=LATENCY_BUCKETS, registry=r).labels(**label)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between two tokens of a sequence.",
-                             buckets=TOKEN_BUCKETS, registry=r)
+                             ["model_name"], buckets=TOKEN_BUCKETS, registry=r).labels(**label)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
-                             buckets=LATENCY_BUCKETS, registry=r)
+                             ["model_name"], buckets=LATENCY_BUCKETS, registry=r).labels(**label)
 
     def request_added(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -69,7 +79,7 @@ class Metrics:
 
     def request_finished(self, seconds: float, reason: str) -> None:
         self.e2e.observe(seconds)
-        self.request_success.labels(finished_reason=reason).inc()
+        self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
