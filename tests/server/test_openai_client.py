@@ -150,3 +150,29 @@ def test_tokenize_detokenize_and_tokenizer_info(server, offline):
     assert tok["tokens"] == offline.tokenizer.encode("Hello world", add_bos=False) and tok["count"] == 2
     text = httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": tok["tokens"]}).json()
     assert text == {"prompt": "Hello world"}
+
+
+def test_a_stop_token_id_keeps_its_text(server, offline):
+    """stop_token_ids end the completion at that token and keep its text, as vLLM does (EOS and special tokens
+    have none); the finish reason is "stop"."""
+    ref = offline.generate("Hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].outputs[0]
+    at = next(i for i, t in enumerate(ref.token_ids) if i >= 2 and offline.tokenizer.decode([t]).strip())
+    stop = ref.token_ids[at]
+    want = offline.generate("Hello", SamplingParams(max_tokens=at + 1, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert want.token_ids[-1] == stop and want.text
+    client = server.client()
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stream=stream,
+                  extra_body={"stop_token_ids": [stop], "ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(**kw))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            out = client.completions.create(**kw).choices[0]
+            text, reason = out.text, out.finish_reason
+        assert text == want.text and reason == "stop"
+    offline_out = offline.generate("Hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                           stop_token_ids=[stop]))[0].outputs[0]
+    assert offline_out.text == want.text and offline_out.token_ids == want.token_ids
+

@@ -420,7 +420,11 @@ class LLMEngine:
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         may_stop = seq.num_output >= p.min_tokens
-        if may_stop and (token in seq.eos_ids or token in p.stop_token_ids):
+        if may_stop and token in seq.eos_ids:
+            seq.finish_reason = "stop"
+        elif may_stop and token in p.stop_token_ids:  # its text is kept, as vLLM keeps it (a special token has none)
+            if seq.detok is not None:
+                event.text = seq.detok.add(seq.output_ids, check_stop=False)
             seq.finish_reason = "stop"
         elif seq.detok is not None:
             event.text = seq.detok.add(seq.output_ids, check_stop=may_stop)
