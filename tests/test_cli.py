@@ -50,6 +50,16 @@ def test_tokenize_text_and_messages(tmp_path):
     assert any(chat_ids[i : i + len(ids)] == ids for i in range(len(chat_ids)))
 
 
+def test_tokenize_adds_bos_as_generate_does():
+    """One BOS rule from the checkpoint's own settings (the GGUF says add_bos_token false): tokenize --text
+    gives the ids generate --prompt feeds the model, so they can be pasted into --prompt-ids."""
+    p = run("tokenize", "--text", "Hello")
+    assert p.returncode == 0, p.stderr
+    g = run("generate", "--prompt", "Hello", "--max-tokens", "1", "--json", "--quiet")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(p.stdout) == json.loads(g.stdout)["prompt_token_ids"] == [19556]
+
+
 def test_info_prints_the_resolved_config():
     p = run("info")
     info = json.loads(p.stdout)

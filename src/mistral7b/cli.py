@@ -199,7 +199,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     if tokenizer is None:
         raise RequestError(f"{checkpoint.path} has no tokenizer")
     if a.text is not None:
-        ids = tokenizer.encode(a.text, add_bos=not a.no_bos)
+        ids = tokenizer.encode(a.text, add_bos=tokenizer.add_bos and not a.no_bos)  # as generate and /tokenize
     else:
         try:
             with open(a.messages, encoding="utf-8") as f:
@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--text")
     p.add_argument("--messages", help="JSON file: [{\"role\": ..., \"content\": ...}, ...]")
-    p.add_argument("--no-bos", action="store_true", help="with --text: do not add BOS")
+    p.add_argument("--no-bos", action="store_true",
+                   help="with --text: no BOS even where the checkpoint adds one (its tokenizer settings decide, "
+                   "as for generate --prompt and the server)")
     p.add_argument("--safe-prompt", action="store_true", help="with --messages: prepend the guardrail prompt")
     p.set_defaults(func=cmd_tokenize)
 
