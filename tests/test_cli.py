@@ -83,6 +83,18 @@ def test_interactive_chat_with_reset_and_exit():
     assert len([line for line in p.stdout.split(">>> ") if line.strip()]) >= 2
 
 
+def test_interactive_chat_lists_commands_and_refuses_unknown_ones():
+    """/help lists the commands and the sampling in effect; /foo is refused, not sent to the model (no reply
+    follows it); // sends a line that starts with / ."""
+    p = run("chat", "--temperature", "0.7", "--top-p", "0.9", "--max-tokens", "4", "--quiet",
+            stdin="/help\n/foo bar\n//etc/hosts?\n/exit\n")
+    assert p.returncode == 0, p.stderr
+    assert "Sampling: temperature 0.7" in p.stderr and "top-p 0.9" in p.stderr and "/reset" in p.stderr
+    assert "unknown command /foo" in p.stderr
+    replies = [chunk for chunk in p.stdout.split(">>> ") if chunk.strip()]
+    assert len(replies) == 1  # the // line only: /help and /foo got no reply
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

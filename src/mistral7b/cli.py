@@ -155,7 +155,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         history.append({"role": "user", "content": a.message})
         _answer(llm, history, a, params, guard)
         return 0
-    print("Chat with the model. Commands: /reset clears the history, /exit quits (or Ctrl-D).", file=sys.stderr)
+    commands = "/reset clears the history, /help lists the commands, /exit quits (or Ctrl-D)"
+    print(f"Chat with the model. Commands: {commands}.", file=sys.stderr)
+    print(f"Sampling: {_describe(params)}.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -174,6 +176,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
             history = list(start)
             print("(history cleared)", file=sys.stderr)
             continue
+        if text == "/help":
+            print(f"Commands: {commands}. Sampling: {_describe(params)}. A line that starts with // is sent "
+                  f"with one / less.", file=sys.stderr)
+            continue
+        if text.startswith("//"):
+            line = line.replace("/", "", 1)
+        elif text.startswith("/") and text[1:].split(" ", 1)[0].isalpha():
+            print(f"unknown command {text.split(' ', 1)[0]} (/help lists them; start with // to send it to the "
+                  f"model)", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         try:
             reply = _answer(llm, history, a, params, guard)
@@ -185,6 +197,18 @@ def cmd_chat(a: argparse.Namespace) -> int:
             history.pop()
             continue
         history.append({"role": "assistant", "content": reply})
+
+
+def _describe(p: Any) -> str:
+    """The sampling settings a chat runs with, as the user would set them."""
+    if p.temperature == 0:
+        return "greedy"
+    parts = [f"temperature {p.temperature:g}"]
+    parts += [f"top-k {p.top_k}"] if p.top_k else []
+    parts += [f"top-p {p.top_p:g}"] if p.top_p < 1 else []
+    parts += [f"min-p {p.min_p:g}"] if p.min_p else []
+    parts += [f"repetition penalty {p.repetition_penalty:g}"] if p.repetition_penalty != 1 else []
+    return ", ".join(parts) + f", at most {p.max_tokens} tokens a reply"
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
