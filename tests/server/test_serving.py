@@ -106,3 +106,31 @@ def test_sigterm_finishes_in_flight_work_then_exits(tiny_model, tmp_path):
     # uvicorn re-raises the signal once it has shut down cleanly, so the status says "ended by SIGTERM"
     assert s.process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in open(s.log).read() or s.process.returncode == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stream_longer_than_the_grace_period_ends_cleanly(tmp_path, sig):
+    """A signal while a stream has more to send than --shutdown-timeout allows: the stream ends with a final
+    chunk (finish_reason "abort") and [DONE], and the process exits within the grace period with no traceback."""
+    from tests.conftest import smollm2_path
+
+    s = start_server(smollm2_path(), str(tmp_path), "--shutdown-timeout", "3", "--log-level", "info")
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", s.v1 + "/completions", json=body) as r:
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(lines)
+                sent = time.monotonic()
+                s.process.send_signal(sig)
+                rest = [line for line in lines if line]
+        code = s.process.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        s.stop()
+    log = open(s.log).read()
+    assert rest and rest[-1] == "data: [DONE]", rest[-3:]
+    assert '"finish_reason": "abort"' in rest[-2] or '"finish_reason":"abort"' in rest[-2], rest[-3:]
+    assert code in (0, -sig), log[-3000:]
+    assert took < 10 and "Traceback" not in log, log[-3000:]

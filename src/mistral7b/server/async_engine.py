@@ -60,6 +60,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._abort_at: float | None = None  # graceful shutdown: what still runs then ends as "abort"
         self.error: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------
@@ -70,6 +71,12 @@ class AsyncEngine:
     def run(self) -> None:
         """The engine loop, in the calling thread, until `stop()` (or a failure, kept in `error`)."""
         self._loop_forever()
+
+    def abort_all_at(self, deadline: float) -> None:
+        """Graceful shutdown: every request still running at `deadline` (time.monotonic()) ends with a final
+        event, finish_reason "abort", so that its response ends properly (a last chunk, then [DONE]) before the
+        server's grace period runs out; signal-safe (called from a signal handler)."""
+        self._abort_at = deadline if self._abort_at is None else min(self._abort_at, deadline)
 
     def stop(self) -> None:
         """Abort whatever is left and end the engine loop."""
@@ -166,20 +173,39 @@ class AsyncEngine:
                     self._commands.clear()
                 for command in commands:
                     self._apply(command)
+                if self._abort_at is not None and time.monotonic() >= self._abort_at:
+                    self._abort_everything()
                 if self.engine.has_unfinished():
                     events = self.engine.step()
-                    if events and self._loop is not None:
-                        self._loop.call_soon_threadsafe(self._deliver, events)
+                    if events:
+                        self._post(self._deliver, events)
         except Exception as e:  # noqa: BLE001 - the failure is reported to every request and to /health
             log.exception("the engine failed")
             self.error = e
             dead = APIError(503, "the engine failed; the server must be restarted", "unavailable_error",
                             code="engine_dead")
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._fail_all, dead)
+            self._post(self._fail_all, dead)
         finally:
             for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """fn(*args) on the event loop; nothing once the loop has closed (the HTTP side is gone at shutdown)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed between the check and the call
+            pass
+
+    def _abort_everything(self) -> None:
+        events = []
+        for rid, seqs in list(self.engine.requests.items()):
+            events += [StreamEvent(rid, None, "", None, "abort", seq.index) for seq in seqs if not seq.finished]
+            self.engine.abort_request(rid)
+        if events:
+            self._post(self._deliver, events)
 
     def _apply(self, command: tuple) -> None:
         assert self._loop is not None
@@ -191,15 +217,15 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                self._loop.call_soon_threadsafe(_settle, future, None, e)
+                self._post(_settle, future, None, e)
             else:
-                self._loop.call_soon_threadsafe(_settle, future, result, None)
+                self._post(_settle, future, result, None)
             return
         _, rid, prompt_ids, params, arrival = command
         try:
             self.engine.add_request(rid, prompt_ids, params, arrival)
         except Exception as e:  # noqa: BLE001 - e.g. a RequestError: it belongs to that request only
-            self._loop.call_soon_threadsafe(self._fail, rid, e)
+            self._post(self._fail, rid, e)
 
 
 class RequestStream:

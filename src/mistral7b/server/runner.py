@@ -1,15 +1,17 @@
 """The server process's two threads: HTTP (uvicorn's event loop) in a thread of its own, and the engine in
 the main thread, the one that loaded the model (see async_engine.py for why that matters).
 
-SIGINT/SIGTERM ask uvicorn to shut down gracefully: it stops accepting connections, lets running requests
-finish for `shutdown_timeout` seconds, cancels the rest, then the app's shutdown stops the engine loop. A
-second signal forces the exit.
+SIGINT/SIGTERM ask uvicorn to shut down gracefully: it stops accepting connections and lets running requests
+finish for `shutdown_timeout` seconds; what still runs shortly before that ends with finish_reason "abort" (a
+last chunk and [DONE] for a stream), then the app's shutdown stops the engine loop. A second signal ends
+everything at once.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -29,9 +31,13 @@ def serve(app: Any, engine: AsyncEngine, host: str, port: int, log_level: str, s
             engine.stop()  # also when uvicorn could not start (port taken): the engine loop must end too
 
     def on_signal(signum: int, frame: Any) -> None:
-        if server.should_exit:
+        if server.should_exit:  # a second signal: end now
             server.force_exit = True
+            engine.abort_all_at(time.monotonic())
         server.should_exit = True
+        # streams still running near the end of the grace period end with a last chunk ("abort") and [DONE]
+        # before uvicorn would cut them
+        engine.abort_all_at(time.monotonic() + max(0.0, shutdown_timeout - min(1.0, shutdown_timeout / 3)))
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="mistral7b-http")
