@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -124,3 +125,27 @@ def test_activation_checkpointing_only_where_memory_asks_for_it(monkeypatch):
     assert not trainer.needs_checkpointing(smol, 806, torch.float32, False, cpu)  # 20 short chats: ~1.2 GB
     assert trainer.needs_checkpointing(smol, 4096 * 2, torch.float32, True, cpu)
     assert trainer.needs_checkpointing(PRESETS["mistral-7b-v0.1"], 4096, torch.bfloat16, False, cpu)
+
+
+def test_a_short_run_warms_up_within_itself_and_says_it_is_short(tiny_mistral, chats, tmp_path, capsys):
+    """A run of 3 steps with the default 10-step warm-up: no warm-up at all (a tenth of the run), so its steps
+    train at the full rate, not at lr / 10; the log says the run is too short and how to lengthen it; the loss
+    curve shows the steps as points."""
+    cfg = TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "short"), lr=1e-3, max_steps=3,
+                      seq_len=32, batch_tokens=64, activation_checkpointing=False, progress=False)
+    trainer = Trainer(cfg)
+    trainer.run()
+    assert trainer.warmup == 0 and [h["lr"] for h in trainer.history][0] == 1e-3
+    err = capsys.readouterr().err
+    assert "only 3 optimizer steps" in err and "--epochs" in err and "--warmup 10 is longer" in err
+    from PIL import Image
+
+    from mistral7b.finetune.plot import save_loss_curve
+
+    save_loss_curve(trainer.history[:1], str(tmp_path / "one.png"))  # one step: a line alone draws nothing
+    pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "one.png").convert("RGB"))).int()
+    blue = int(((pixels - torch.tensor([31, 119, 180])).abs() < 30).all(-1).sum())
+    assert blue > 75  # matplotlib's first colour: the point and the legend's sample (58 pixels: no point)
+    long = Trainer(TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "long"), max_steps=200,
+                               seq_len=32, batch_tokens=64, progress=False))
+    assert long.warmup == 10  # a long run keeps the warm-up asked for

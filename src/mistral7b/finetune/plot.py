@@ -12,7 +12,8 @@ def save_loss_curve(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    # points as well as a line: a short run's few steps (or its one) stay visible
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], ".-", markersize=6, label="train loss")
     evals = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")

@@ -46,6 +46,11 @@ class RowStream:
             self._epochs.append(epoch_rows(self.examples, self.seq_len, self.seed, len(self._epochs)))
         return self._epochs[e]
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in the first epoch (epochs differ by a step at most: their packing differs)."""
+        return self._steps_in(0)
+
     def _steps_in(self, e: int) -> int:
         return max(1, math.ceil(len(self._epoch(e)) / self.G))
 

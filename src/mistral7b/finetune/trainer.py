@@ -74,6 +74,9 @@ class TrainConfig:
             raise ValueError("--lr and --clip must be positive and --warmup non-negative")
 
 
+SHORT_RUN = 20  # optimizer steps below which a run is said to be too short to teach the model anything
+
+
 def available_memory(device: torch.device) -> int:
     """Free bytes for activations: the GPU's free memory, or the machine's available memory (Linux)."""
     if device.type == "cuda":
@@ -156,6 +159,8 @@ class Trainer:
         self.micro_rows = cfg.batch_tokens // cfg.seq_len
         self.stream = RowStream(self.examples, cfg.seq_len, cfg.seed, self.micro_rows * cfg.grad_accum * self.info.world,
                                 cfg.epochs, cfg.max_steps)
+        # a warm-up of at most a tenth of the run: 10 steps of warm-up in a run of 1 left its one step at lr / 10
+        self.warmup = min(cfg.warmup, self.stream.total_steps // 10)
         self.ckpt_root = os.path.join(cfg.out, "checkpoints")
         self.history: list[dict] = []
         self.step = 0
@@ -190,7 +195,7 @@ class Trainer:
         mine = rows[info.rank * share : (info.rank + 1) * share]
         mine += [empty_row(cfg.seq_len)] * (share - len(mine))
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup, self.stream.total_steps)
+            g["lr"] = lr_at(step, cfg.lr, self.warmup, self.stream.total_steps)
         total = 0.0
         for j in range(cfg.grad_accum):
             batch = collate(mine[j * self.micro_rows : (j + 1) * self.micro_rows])
@@ -238,6 +243,13 @@ class Trainer:
         if cfg.resume:
             self._resume()
         total = self.stream.total_steps
+        if self.warmup < cfg.warmup:
+            self.log(f"warm-up: {self.warmup} steps, a tenth of this {total}-step run (--warmup {cfg.warmup} is "
+                     f"longer than that)")
+        if total < SHORT_RUN:
+            self.log(f"warning: only {total} optimizer step{'s' if total != 1 else ''}: too few to change the model "
+                     f"much; raise --epochs (one epoch of this data is {self.stream.steps_per_epoch} step"
+                     f"{'s' if self.stream.steps_per_epoch != 1 else ''}) or set --max-steps")
         kill_at = int(os.environ.get("MISTRAL7B_FINETUNE_SIGKILL_AT_STEP", "-1"))
         bar = tqdm(total=total, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.info.main))
