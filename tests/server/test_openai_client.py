@@ -176,3 +176,18 @@ def test_a_stop_token_id_keeps_its_text(server, offline):
                                                            stop_token_ids=[stop]))[0].outputs[0]
     assert offline_out.text == want.text and offline_out.token_ids == want.token_ids
 
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
+    [{"role": "system", "content": "Be brief."}],
+])
+def test_chat_continues_a_last_assistant_message_and_takes_system_only_chats(server, offline, messages):
+    """A chat ending with an assistant message is continued (the reply is the continuation only), and a
+    system-only chat is rendered as the model's format allows: both as the offline engine answers them."""
+    out = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    ids = offline.encode_chat(messages)
+    want = offline.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, temperature=0))[0].outputs[0]
+    assert out.choices[0].message.content == want.text
+    if messages[-1]["role"] == "assistant":
+        assert offline.tokenizer.decode(ids).endswith("The colour is")

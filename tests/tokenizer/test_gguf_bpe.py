@@ -84,10 +84,13 @@ def test_special_tokens_never_come_from_user_text(smollm, smollm2_oracle):
     assert smollm.decode(smollm.encode(evil, add_bos=False)) == evil
 
 
-def test_assistant_last_needs_no_generation_prompt(smollm, smollm2_oracle):
+def test_assistant_last_is_continued(smollm, smollm2_oracle):
+    """A last assistant message is continued for generation (transformers' continue_final_message: the answer
+    left open), and kept whole in training data (no generation prompt)."""
     messages = THREE_TURNS[:2]
-    with pytest.raises(RequestError, match="last message"):
-        smollm.encode_chat(messages)
+    out = smollm2_oracle.apply_chat_template(messages, continue_final_message=True, tokenize=True)
+    assert smollm.encode_chat(messages) == list(out["input_ids"])
+    assert smollm.decode(smollm.encode_chat(messages)).endswith(messages[-1]["content"])
     out = smollm2_oracle.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
     assert smollm.encode_chat(messages, add_generation_prompt=False) == list(out["input_ids"])
 

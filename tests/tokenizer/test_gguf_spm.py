@@ -74,6 +74,21 @@ def test_no_template_falls_back_to_mistral_v1_format(rebuilt, messages):
     assert rebuilt.encode_chat(messages) == expected
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}],
+    [{"role": "system", "content": "SYS"}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+     {"role": "user", "content": "C"}, {"role": "assistant", "content": "The answer is"}],
+    [{"role": "system", "content": "Be brief."}],
+])
+def test_continued_answers_and_system_only_chats_equal_mistral_common(rebuilt, messages):
+    """A last assistant message left open (mistral-common's prefix: no </s>), a system-only chat as mistral-common
+    renders it."""
+    ref = MistralTokenizer.from_file(V1, mode=ValidationMode.agnostic)
+    oracle = [*messages[:-1], {**messages[-1], "prefix": True}] if messages[-1]["role"] == "assistant" else messages
+    expected = ref.encode_chat_completion(ChatCompletionRequest(messages=oracle)).tokens
+    assert rebuilt.encode_chat(messages) == expected
+
+
 def test_jinja_template_is_cut_at_control_tokens(original):
     """Text between control tokens is encoded as one SentencePiece segment (llama.cpp's rule). This differs from
     mistral-common, which encodes each answer on its own: "[/INST]Hi" merges as "]Hi", not "] ▁Hi"."""

@@ -68,10 +68,22 @@ def test_special_tokens_in_user_text_stay_text(path):
 
 
 def test_ending_with_assistant(v1):
-    with pytest.raises(RequestError, match="last message"):
-        v1.encode_chat(CHAT[:3])
+    """For generation, a last assistant message is continued (mistral-common's prefix): no </s> after it; for
+    training data it is a finished answer."""
+    ids = v1.encode_chat(CHAT[:3])
+    oracle = MistralTokenizer.from_file(V1)
+    prefixed = [*CHAT[:2], {**CHAT[2], "prefix": True}]
+    assert ids == oracle.encode_chat_completion(ChatCompletionRequest(messages=prefixed)).tokens
+    assert ids == VERIFIED_V1[:15] and ids[-1] != 2
     ids = v1.encode_chat(CHAT[:3], add_generation_prompt=False)
     assert ids == VERIFIED_V1[:16] and ids[-1] == 2
+
+
+def test_system_messages_only(v1):
+    """mistral-common renders a system-only chat as an empty user turn after the system prompt."""
+    messages = [{"role": "system", "content": "Be brief."}]
+    oracle = MistralTokenizer.from_file(V1)
+    assert v1.encode_chat(messages) == oracle.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
 
 
 @pytest.mark.parametrize("messages, match", [
@@ -81,7 +93,6 @@ def test_ending_with_assistant(v1):
     ([{"role": "user", "content": 3}], "content must be a string"),
     ([{"role": "user"}], "content must be a string"),
     (["Hello"], "messages\\[0\\]"),
-    ([{"role": "system", "content": "x"}], "user message"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"},
       {"role": "user", "content": "d"}], "system"),  # mistral-common refuses a system message mid-chat
 ])

@@ -46,11 +46,9 @@ class Tokenizer(ABC):
 
 
 def check_messages(messages: Any, add_generation_prompt: bool = True) -> list[dict[str, str]]:
-    """Messages as a list of {role, content} dicts, or RequestError naming the first problem.
-
-    A conversation that ends with an assistant turn cannot take a generation prompt: the model would be asked
-    to answer its own answer.
-    """
+    """Messages as a list of {role, content} dicts, or RequestError naming the first problem. A chat may end
+    with an assistant message (continues_answer) or hold system messages only (the template decides what it
+    makes of them)."""
     if not isinstance(messages, list):
         raise RequestError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
     if not messages:
@@ -65,8 +63,11 @@ def check_messages(messages: Any, add_generation_prompt: bool = True) -> list[di
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
-    if add_generation_prompt and checked[-1]["role"] == "assistant":
-        raise RequestError("the last message is from the assistant: a generation prompt needs a user message last")
-    if all(m["role"] == "system" for m in checked):
-        raise RequestError("messages has only system messages: a chat needs a user message")
     return checked
+
+
+def continues_answer(messages: list[dict[str, str]], add_generation_prompt: bool) -> bool:
+    """A chat for generation that ends with an assistant message: the model continues that answer (a prefill, as
+    llama.cpp does and Mistral's API does with `prefix: true`) instead of starting a new one, so the answer is
+    left open: no end-of-turn after it and no generation prompt."""
+    return add_generation_prompt and messages[-1]["role"] == "assistant"

@@ -147,6 +147,15 @@ class RenderedChat:
     text: str
     content_spans: list[tuple[int, int]]  # [start, end) of each message content inside `text`, in text order
 
+    def continued(self) -> RenderedChat:
+        """The chat cut right after its last content, the answer being continued (rendered without a generation
+        prompt): what follows it (the end of the turn) is dropped, as transformers' continue_final_message
+        drops it."""
+        if not self.content_spans:
+            return self
+        end = self.content_spans[-1][1]
+        return RenderedChat(self.text[:end], [span for span in self.content_spans if span[1] <= end])
+
 
 class ChatTemplate:
     def __init__(self, source: str, origin: str = "chat template"):

@@ -19,7 +19,7 @@ import tokenizers
 
 from mistral7b.config import read_json
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages
+from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
 from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials
 
 # Control tokens that end a turn in common chat formats (llama.cpp treats the same set as end-of-generation).
@@ -74,8 +74,11 @@ class TokenizersTokenizer(Tokenizer):
         checked = check_messages(messages, add_generation_prompt)
         if self.chat_template is None:
             raise RequestError(f"{self.origin} has no chat template, so it cannot format a chat; send plain text")
-        rendered = self.chat_template.render(checked, add_generation_prompt,
+        prefill = continues_answer(checked, add_generation_prompt)
+        rendered = self.chat_template.render(checked, add_generation_prompt and not prefill,
                                              bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        if prefill:
+            rendered = rendered.continued()
         ids = self._encode_rendered(rendered.text, rendered.content_spans)
         # BOS only where the template did not already write it (no double BOS).
         if self.add_bos and not (self.bos_token and rendered.text.startswith(self.bos_token)):

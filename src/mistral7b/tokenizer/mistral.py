@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages
+from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
 
 
 class MistralCommonTokenizer(Tokenizer):
@@ -49,6 +49,8 @@ class MistralCommonTokenizer(Tokenizer):
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         checked = check_messages(messages, add_generation_prompt)
+        if continues_answer(checked, add_generation_prompt):
+            checked[-1] = {**checked[-1], "prefix": True}  # mistral-common's prefill: the answer stays open
         try:
             request = ChatCompletionRequest(messages=checked)
             return list(self._mt.encode_chat_completion(request).tokens)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from mistral7b.errors import RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages
+from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
 from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials
 
 
@@ -58,10 +58,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         checked = check_messages(messages, add_generation_prompt)
+        prefill = continues_answer(checked, add_generation_prompt)
         if self.chat_template is None:
-            return self._encode_mistral_v1(checked)
-        rendered = self.chat_template.render(checked, add_generation_prompt, bos_token=self._piece(self.bos_id),
-                                             eos_token=self._piece(self.eos_id))
+            return self._encode_mistral_v1(checked, prefill)
+        rendered = self.chat_template.render(checked, add_generation_prompt and not prefill,
+                                             bos_token=self._piece(self.bos_id), eos_token=self._piece(self.eos_id))
+        if prefill:
+            rendered = rendered.continued()
         ids: list[int] = []
         for piece in split_at_specials(rendered.text, rendered.content_spans, self.specials):
             ids.extend([piece] if isinstance(piece, int) else self.sp.encode(piece))
@@ -69,8 +72,9 @@ class SentencePieceTokenizer(Tokenizer):
             ids.insert(0, self.bos_id)  # type: ignore[arg-type]
         return ids
 
-    def _encode_mistral_v1(self, messages: list[dict[str, str]]) -> list[int]:
-        """`<s>[INST] user [/INST] answer</s>[INST] ...`, each segment encoded separately (mistral-common v1)."""
+    def _encode_mistral_v1(self, messages: list[dict[str, str]], prefill: bool = False) -> list[int]:
+        """`<s>[INST] user [/INST] answer</s>[INST] ...`, each segment encoded separately (mistral-common v1);
+        `prefill`: the last answer stays open (no </s>)."""
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns: list[dict[str, str]] = []
         previous = None
@@ -81,16 +85,16 @@ class SentencePieceTokenizer(Tokenizer):
                 else:
                     turns.append(dict(m))
             previous = m["role"]
-        if turns[0]["role"] == "assistant":
+        if not turns or turns[0]["role"] == "assistant":  # system messages only, or an answer first
             turns.insert(0, {"role": "user", "content": ""})
         if system:
             turns[0]["content"] = system + "\n\n" + turns[0]["content"]
         ids = [self.bos_id] if self.bos_id is not None else []
-        for t in turns:
+        for i, t in enumerate(turns):
             if t["role"] == "user":
                 ids += self.sp.encode(f"[INST] {t['content']} [/INST]")
             else:
                 ids += self.sp.encode(t["content"])
-                if self.eos_id is not None:
+                if self.eos_id is not None and not (prefill and i == len(turns) - 1):
                     ids.append(self.eos_id)
         return ids
