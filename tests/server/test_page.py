@@ -126,3 +126,22 @@ def test_wrong_key_shows_the_error(browser, smollm2_server):
     browser.find_element("id", "send").click()
     wait_for(lambda: browser.find_elements("css selector", ".msg.error"))
     assert "API key" in browser.find_element("css selector", ".msg.error").text
+
+
+def test_replies_render_markdown_as_text_never_as_html(browser, smollm2_server):
+    """Code blocks, inline code, bold and italic become elements; any HTML in a reply stays text (no element,
+    no script); the favicon is inline (no request leaves the page)."""
+    browser.get(smollm2_server.url + "/")
+    reply = ("Use `a<b>` here.\n```python\nprint('<b>hi</b>')\n```\n**bold** and *it*"
+             "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>")
+    html = browser.execute_script(
+        "const d = document.createElement('div'); renderMarkdown(d, arguments[0]); document.body.appendChild(d);"
+        "return d.innerHTML;", reply)
+    assert "<code>a&lt;b&gt;</code>" in html
+    assert "<pre><code>print('&lt;b&gt;hi&lt;/b&gt;')</code></pre>" in html
+    assert "<strong>bold</strong>" in html and "<em>it</em>" in html
+    assert "<img" not in html and "<script" not in html and "&lt;img" in html
+    time.sleep(0.2)
+    assert browser.title != "pwned"
+    icon = browser.find_element("css selector", "link[rel=icon]").get_attribute("href")
+    assert icon.startswith("data:image/svg+xml")
