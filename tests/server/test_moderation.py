@@ -47,6 +47,8 @@ def test_moderations_endpoint_in_openai_shape(guarded, flagged):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("modr-") and body["model"] == guarded.client().models.list().data[0].id
+    assert body["reliability"]["measured"] is False and "not been measured" in body["reliability"]["note"]
+    assert "warning: moderation by" in open(guarded.log).read()  # said at start too
     first = body["results"][0]
     assert first["flagged"] is True and first["categories"][m.label] is True
     assert first["category_scores"] == pytest.approx(m.category_scores(), abs=1e-4)

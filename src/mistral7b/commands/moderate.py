@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from mistral7b.errors import RequestError
@@ -61,6 +62,7 @@ def run(a: argparse.Namespace) -> int:
     from mistral7b.cli import _llm
     from mistral7b.moderation import Moderator, Policy
     from mistral7b.moderation.classifier import check_item
+    from mistral7b.moderation.reliability import warning
 
     if (a.text is None) == (a.file is None):
         raise RequestError("give exactly one of a TEXT argument or --file FILE.jsonl")
@@ -70,7 +72,11 @@ def run(a: argparse.Namespace) -> int:
     items = _read_file(a.file) if a.file else [a.text if a.answer is None else (a.text, a.answer)]
     for i, item in enumerate(items):
         check_item(i, item)  # empty texts fail before the model loads
-    moderator = Moderator(_llm(a), a.taxonomy)
+    llm = _llm(a)
+    note = warning(llm.model_path)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+    moderator = Moderator(llm, a.taxonomy)
     for start in range(0, len(items), 16):
         batch = items[start : start + 16]
         for item, m in zip(batch, moderator.classify(batch)):

@@ -8,6 +8,7 @@ replaced by a notice naming the category. A refused or withheld exchange is left
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -66,4 +67,12 @@ def chat_guard(a: argparse.Namespace) -> Callable[[LLM], ChatGuard] | None:
     if not sides or any(s not in SIDES for s in sides):
         raise RequestError(f"--moderate takes input, output or input,output; got {a.moderate!r}")
     Policy(a.moderate_taxonomy, a.moderate_categories)  # unknown category names fail here
-    return lambda llm: ChatGuard(llm, sides, a.moderate_taxonomy, a.moderate_categories)
+    def make(llm: LLM) -> ChatGuard:
+        from mistral7b.moderation.reliability import warning
+
+        note = warning(llm.model_path)
+        if note is not None:  # never present an unreliable filter as protection
+            print(note, file=sys.stderr, flush=True)
+        return ChatGuard(llm, sides, a.moderate_taxonomy, a.moderate_categories)
+
+    return make

@@ -18,6 +18,7 @@ from typing import Any
 from mistral7b.errors import RequestError
 from mistral7b.moderation.categories import ACCEPTABLE, check_categories, taxonomy
 from mistral7b.moderation.classifier import Item, Moderation, Moderator
+from mistral7b.moderation.reliability import reliability
 
 REQUEST_FIELDS = ("input", "model", "categories", "taxonomy")
 
@@ -89,4 +90,5 @@ def moderation_response(moderator: Moderator, request: Any, model_name: str | No
         "id": f"modr-{uuid.uuid4().hex}",
         "model": request.get("model") or model_name or os.path.basename(os.path.normpath(moderator.llm.model_path)),
         "results": [policy.result(m) for m in results],
+        "reliability": reliability(moderator.llm.model_path),  # ours: how far these flags can be trusted
     }
