@@ -149,3 +149,16 @@ def test_a_short_run_warms_up_within_itself_and_says_it_is_short(tiny_mistral, c
     long = Trainer(TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "long"), max_steps=200,
                                seq_len=32, batch_tokens=64, progress=False))
     assert long.warmup == 10  # a long run keeps the warm-up asked for
+
+
+def test_a_small_file_is_repeated_enough_to_train(tiny_mistral, chats, tmp_path):
+    """--epochs left out: a file of one step an epoch runs 20 epochs (20 steps, not 1); given, it is kept."""
+    cfg = TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "auto"), seq_len=32, batch_tokens=4096,
+                      progress=False)
+    auto = Trainer(cfg)
+    assert auto.stream.steps_per_epoch == 1 and auto.epochs == 20 and auto.stream.total_steps == 20
+    assert auto.warmup == 2  # a tenth of the run
+    one = Trainer(TrainConfig(model=tiny_mistral, data=chats, out=str(tmp_path / "one"), seq_len=32,
+                              batch_tokens=4096, epochs=1, progress=False))
+    assert one.stream.total_steps == 1
+

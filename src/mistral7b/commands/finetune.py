@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", type=_targets, default="wq,wk,wv,wo,w1,w2,w3")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data (default: 1, or enough for 20 optimizer steps on a small file, at "
+                   "most 20)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)

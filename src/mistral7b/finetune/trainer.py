@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import signal
 import sys
@@ -43,7 +44,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: list(lora.TARGETS))
-    epochs: int = 1
+    epochs: int | None = None  # None: enough epochs for SHORT_RUN optimizer steps, at most MAX_AUTO_EPOCHS
     max_steps: int | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -63,7 +64,9 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_tokens", "seq_len", "grad_accum", "eval_every", "save_every"):
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError("--epochs must be a positive integer")
+        for name in ("batch_tokens", "seq_len", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
         if self.max_steps is not None and self.max_steps < 1:
@@ -75,6 +78,7 @@ class TrainConfig:
 
 
 SHORT_RUN = 20  # optimizer steps below which a run is said to be too short to teach the model anything
+MAX_AUTO_EPOCHS = 20  # the most passes over the data that --epochs left out makes
 
 
 def available_memory(device: torch.device) -> int:
@@ -157,8 +161,13 @@ class Trainer:
                                            betas=(0.9, 0.95))
         self.net = ddp.wrap(self.model, self.info, self.device)
         self.micro_rows = cfg.batch_tokens // cfg.seq_len
-        self.stream = RowStream(self.examples, cfg.seq_len, cfg.seed, self.micro_rows * cfg.grad_accum * self.info.world,
-                                cfg.epochs, cfg.max_steps)
+        rows_per_step = self.micro_rows * cfg.grad_accum * self.info.world
+        self.stream = RowStream(self.examples, cfg.seq_len, cfg.seed, rows_per_step, cfg.epochs or 1, cfg.max_steps)
+        self.epochs = cfg.epochs or 1
+        if cfg.epochs is None and cfg.max_steps is None:  # a small file still trains: repeat it, within reason
+            self.epochs = min(MAX_AUTO_EPOCHS, max(1, math.ceil(SHORT_RUN / self.stream.steps_per_epoch)))
+            if self.epochs > 1:
+                self.stream = RowStream(self.examples, cfg.seq_len, cfg.seed, rows_per_step, self.epochs, None)
         # a warm-up of at most a tenth of the run: 10 steps of warm-up in a run of 1 left its one step at lr / 10
         self.warmup = min(cfg.warmup, self.stream.total_steps // 10)
         self.ckpt_root = os.path.join(cfg.out, "checkpoints")
@@ -243,6 +252,9 @@ class Trainer:
         if cfg.resume:
             self._resume()
         total = self.stream.total_steps
+        if cfg.epochs is None and self.epochs > 1:
+            self.log(f"epochs: {self.epochs} (--epochs left out, and one epoch of this data is only "
+                     f"{self.stream.steps_per_epoch} step{'s' if self.stream.steps_per_epoch != 1 else ''})")
         if self.warmup < cfg.warmup:
             self.log(f"warm-up: {self.warmup} steps, a tenth of this {total}-step run (--warmup {cfg.warmup} is "
                      f"longer than that)")
