@@ -191,3 +191,34 @@ def test_chat_continues_a_last_assistant_message_and_takes_system_only_chats(ser
     assert out.choices[0].message.content == want.text
     if messages[-1]["role"] == "assistant":
         assert offline.tokenizer.decode(ids).endswith("The colour is")
+
+
+def test_prompt_logprobs_in_vllms_shape(server, offline):
+    """prompt_logprobs=k: per prompt token (None first) the token with its log-probability (the scoring path's),
+    its rank among all tokens and its text, and the k most likely ranked 1..k; streamed once, in the first
+    chunk; alongside echo's own logprobs of another k."""
+    client = server.client()
+    ids = offline.encode_prompt("The quick brown fox jumps over the lazy dog")
+    ref = offline.score([ids])[0].logprobs
+    k = 3
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                    extra_body={"prompt_logprobs": k})
+    rows = out.choices[0].model_extra["prompt_logprobs"]
+    assert rows[0] is None and len(rows) == len(ids)
+    for i, row in enumerate(rows[1:], start=1):
+        own = row[str(ids[i])]
+        assert own["logprob"] == pytest.approx(ref[i - 1], abs=1e-4)
+        assert own["decoded_token"] == offline.tokenizer.decode(ids[: i + 1])[len(offline.tokenizer.decode(ids[:i])):]
+        ranked = sorted((v["rank"], v["logprob"]) for t, v in row.items() if t != str(ids[i]) or v["rank"] <= k)
+        assert [r for r, _ in ranked][:k] == list(range(1, k + 1))
+        assert all(a >= b for (_, a), (_, b) in zip(ranked, ranked[1:]))  # rank 1 the most likely
+        higher = sum(1 for t, v in row.items() if t != str(ids[i]) and v["logprob"] > own["logprob"])
+        assert own["rank"] == higher + 1 if own["rank"] <= k else own["rank"] > k
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, stream=True,
+                                            extra_body={"prompt_logprobs": k}))
+    carrying = [c for c in chunks if c.choices and c.choices[0].model_extra.get("prompt_logprobs")]
+    assert len(carrying) == 1 and carrying[0].choices[0].model_extra["prompt_logprobs"] == rows
+    echo = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                     extra_body={"prompt_logprobs": k})
+    assert all(top is None or len(top) <= 2 for top in echo.choices[0].logprobs.top_logprobs)  # echo's own k
+    assert len(echo.choices[0].model_extra["prompt_logprobs"][1]) >= k

@@ -215,6 +215,7 @@ class LLMEngine:
                 detok=IncrementalDetokenizer(self.tokenizer.decode, params.stop) if self.tokenizer else None,
                 generator=generator, arrival=arrival if arrival is not None else time.monotonic(),
                 prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+                prompt_ranks=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
             )
             if seqs and self.blocks.enable_prefix_caching:
                 seq.waits_for = seqs[0]
@@ -400,7 +401,9 @@ class LLMEngine:
             return
         logprobs = logits[:count].log_softmax(-1)
         targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
-        picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()  # vLLM's rank: 1 + the tokens more likely
+        picked = chosen[:, 0].tolist()
         k = seq.params.prompt_logprobs or 0
         top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1) if k else None
         top_ids = top.indices.tolist() if top is not None else None
@@ -408,6 +411,7 @@ class LLMEngine:
         for i in range(count):
             entry = list(zip(top_ids[i], top_values[i])) if top is not None else []
             seq.prompt_logprobs[start + 1 + i] = (picked[i], entry)  # type: ignore[index]
+            seq.prompt_ranks[start + 1 + i] = ranks[i]  # type: ignore[index]
 
     def _emit(self, seq: Sequence, sample: Sample) -> list[StreamEvent]:
         """Append the chosen token; the stream events it makes (and the end of the sequence, if it ends)."""
@@ -419,6 +423,7 @@ class LLMEngine:
                             num_cached_tokens=seq.num_cached_tokens)
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+            event.prompt_ranks = seq.prompt_ranks
         may_stop = seq.num_output >= p.min_tokens
         if may_stop and token in seq.eos_ids:
             seq.finish_reason = "stop"

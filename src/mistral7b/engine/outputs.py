@@ -47,4 +47,5 @@ class StreamEvent:
     index: int = 0
     top_logprobs: TopLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank (1: the most likely), with the above
     num_cached_tokens: int = 0

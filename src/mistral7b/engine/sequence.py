@@ -48,6 +48,7 @@ class Sequence:
     # prompt_logprobs[t] = (log p(token t | tokens < t), top ones) for t >= 1, filled as the pre-fill runs
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     prompt_logprobs_sent: bool = False
+    prompt_ranks: list[int | None] | None = None  # rank of prompt token t among all tokens (1: the most likely)
     finish_reason: str | None = None
     waits_for: Sequence | None = None  # a sibling whose pre-fill fills the prefix cache for this one
     num_preemptions: int = 0

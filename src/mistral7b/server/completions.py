@@ -34,9 +34,29 @@ class _Choice:
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's field, when asked for
 
 
-def _echo_logprobs(state: ServerState, choice: _Choice, event: StreamEvent) -> None:
+def _prompt_logprobs(state: ServerState, ids: list[int], event: StreamEvent, k: int
+                     ) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's completions `prompt_logprobs`: per prompt token (None for the first), the token itself and the k
+    most likely, each {"logprob", "rank", "decoded_token"} under its id."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    ranks = event.prompt_ranks or [None] * len(ids)
+    for i, entry in enumerate(event.prompt_logprobs or [None] * len(ids)):
+        if entry is None:
+            out.append(None)
+            continue
+        lp, top = entry
+        texts = state.texts_after(ids[:i], [ids[i]] + [t for t, _ in top[:k]])
+        row = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": text}
+               for r, ((t, v), text) in enumerate(zip(top[:k], texts[1:]))}
+        row[str(ids[i])] = {"logprob": lp, "rank": ranks[i], "decoded_token": texts[0]}
+        out.append(row)
+    return out
+
+
+def _echo_logprobs(state: ServerState, choice: _Choice, event: StreamEvent, k: int) -> None:
     ids = choice.prompt_ids
     texts = state.token_texts(ids)
     choice.tokens.extend(texts)
@@ -47,7 +67,7 @@ def _echo_logprobs(state: ServerState, choice: _Choice, event: StreamEvent) -> N
         else:
             lp, top = entry
             choice.token_logprobs.append(lp)
-            choice.top_logprobs.append(dict(state.top_texts(ids[:i], top)) | {texts[i]: lp})
+            choice.top_logprobs.append(dict(state.top_texts(ids[:i], top[:k])) | {texts[i]: lp})
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Any:
@@ -60,8 +80,9 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise RequestError("max_tokens must be at least 1 (0 is allowed only with echo)")
-    if body.logprobs is not None and body.logprobs > state.max_logprobs:
-        raise RequestError(f"logprobs must be at most {state.max_logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(body, name) or 0) > state.max_logprobs:
+            raise RequestError(f"{name} must be at most {state.max_logprobs}")
     prompt = body.prompt
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -70,8 +91,9 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     texts = [p if isinstance(p, str) else None for p in prompt]
     prompts = [await state.encode_prompt(p) for p in prompt]
     logprobs = body.logprobs is not None
-    params = body.sampling_params(max(max_tokens, 1), state.sampling_defaults, logprobs=logprobs, top_logprobs=body.logprobs or 0,
-                                  prompt_logprobs=body.logprobs if body.echo and logprobs else None)
+    wanted = [k for k in (body.logprobs if body.echo and logprobs else None, body.prompt_logprobs) if k is not None]
+    params = body.sampling_params(max(max_tokens, 1), state.sampling_defaults, logprobs=logprobs,
+                                  top_logprobs=body.logprobs or 0, prompt_logprobs=max(wanted) if wanted else None)
     for ids in prompts:  # refuse the whole batch before any of it starts
         state.engine.engine.check_prompt(ids, params)
     streams = [state.engine.submit(ids, params) for ids in prompts]
@@ -87,7 +109,10 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
         index = i * body.n + event.index
         choice = choices[index]
         if event.prompt_logprobs is not None:
-            _echo_logprobs(state, choice, event)
+            if body.echo and logprobs:
+                _echo_logprobs(state, choice, event, body.logprobs or 0)
+            if body.prompt_logprobs is not None:
+                choice.prompt_logprobs = _prompt_logprobs(state, choice.prompt_ids, event, body.prompt_logprobs)
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
         if not choice.keep_output:
@@ -124,7 +149,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
             for event in batch:
                 apply(i, event)
         return {**head, "choices": [
-            {"index": j, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
+            {"index": j, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason,
+             **({"prompt_logprobs": c.prompt_logprobs} if body.prompt_logprobs is not None else {})}
             for j, c in enumerate(choices)], "usage": usage(prompt_tokens, completion_tokens())}
 
     async def chunks() -> AsyncIterator[str]:
@@ -137,22 +163,27 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
             texts: dict[int, str] = {}  # choice -> the text this batch adds (one chunk per choice and batch)
             reasons: dict[int, str | None] = {}
             echoed: set[int] = set()
+            prompted: set[int] = set()  # choices whose prompt_logprobs arrived in this batch (sent once)
             for event in batch:
                 j, text = apply(i, event)
                 texts[j] = texts.get(j, "") + text
                 reasons[j] = event.finish_reason or reasons.get(j)
                 if body.echo and logprobs and event.prompt_logprobs is not None:
                     echoed.add(j)
+                if body.prompt_logprobs is not None and event.prompt_logprobs is not None:
+                    prompted.add(j)
             for j, text in texts.items():
                 c = choices[j]
-                if not text and reasons[j] is None and not (logprobs and len(c.tokens) > sent_tokens[j]):
+                if (not text and reasons[j] is None and j not in prompted
+                        and not (logprobs and len(c.tokens) > sent_tokens[j])):
                     continue
                 chunk_logprobs = logprobs_of(c, sent_tokens[j])
                 sent_tokens[j] = len(c.tokens)
                 if j in echoed:  # the prompt's text with its logprobs, then what followed it
                     text = c.text
+                extra = {"prompt_logprobs": c.prompt_logprobs} if j in prompted else {}
                 yield sse({**head, "choices": [{"index": j, "text": text, "logprobs": chunk_logprobs,
-                                                "finish_reason": reasons[j]}], "usage": None})
+                                                "finish_reason": reasons[j], **extra}], "usage": None})
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens())})
 

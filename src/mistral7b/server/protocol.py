@@ -88,6 +88,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=0, le=1 << 20)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # vLLM's: each prompt token's, top N
     suffix: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
