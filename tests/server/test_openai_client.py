@@ -150,6 +150,11 @@ def test_tokenize_detokenize_and_tokenizer_info(server, offline):
     assert tok["tokens"] == offline.tokenizer.encode("Hello world", add_bos=False) and tok["count"] == 2
     text = httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": tok["tokens"]}).json()
     assert text == {"prompt": "Hello world"}
+    framed = [1, *tok["tokens"], 2]  # <s> ... </s>
+    assert httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": framed}).json() == text
+    kept = httpx.post(server.url + "/detokenize", headers=headers,
+                      json={"tokens": framed, "skip_special_tokens": False}).json()["prompt"]
+    assert kept.startswith("<s>") and kept.endswith("</s>")  # as mistral-common writes them (KEEP)
 
 
 def test_a_stop_token_id_keeps_its_text(server, offline):

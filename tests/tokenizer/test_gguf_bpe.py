@@ -46,6 +46,10 @@ def test_decode_round_trips(smollm, smollm2_oracle):
         ids = smollm.encode(text, add_bos=False)
         assert smollm.decode(ids) == text
         assert smollm.decode(ids) == smollm2_oracle.decode(ids, skip_special_tokens=True)
+        framed = [1, *ids, 2]  # <|im_start|> ... <|im_end|>
+        assert smollm.decode(framed, skip_special_tokens=False) == smollm2_oracle.decode(framed,
+                                                                                         skip_special_tokens=False)
+        assert smollm.decode(framed, skip_special_tokens=False) == f"<|im_start|>{text}<|im_end|>"
 
 
 def test_vocabulary(smollm, smollm2_meta):

@@ -27,6 +27,14 @@ def original():
     return spm.SentencePieceProcessor(model_file=V1)
 
 
+def test_special_tokens_kept_on_request(rebuilt, original):
+    """skip_special_tokens False writes control tokens as their pieces, the text between them as before."""
+    ids = original.encode("Hello world")
+    assert rebuilt.decode([1, *ids, 2]) == "Hello world"
+    assert rebuilt.decode([1, *ids, 2], skip_special_tokens=False) == "<s>Hello world</s>"
+    assert rebuilt.decode([*ids, 2, *ids], skip_special_tokens=False) == "Hello world</s>Hello world"
+
+
 def test_encode_decode_equal_original(rebuilt, original):
     for text in MORE_TEXTS:
         ids = original.encode(text)

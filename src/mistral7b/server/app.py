@@ -172,7 +172,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
         bad = next((t for t in body.tokens if t >= vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is not in [0, {vocab})")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
 
     @app.post("/v1/moderations")
     async def moderations(request: Request) -> dict[str, Any]:

@@ -139,3 +139,4 @@ class TokenizeRequest(Strict):
 class DetokenizeRequest(Strict):
     model: Annotated[str, Field(max_length=512)] | None = None
     tokens: TokenIds
+    skip_special_tokens: bool = True  # False: special tokens written as their vocabulary entries

@@ -33,8 +33,9 @@ class Tokenizer(ABC):
         """
 
     @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ids, special/control tokens skipped."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ids, special/control tokens skipped (or, with skip_special_tokens False, written as their
+        vocabulary entries, as the library behind each tokenizer writes them)."""
 
     @abstractmethod
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

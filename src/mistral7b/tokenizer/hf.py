@@ -64,8 +64,8 @@ class TokenizersTokenizer(Tokenizer):
         ids = self._plain.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids  # type: ignore[list-item]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_piece(self, id: int) -> str:
         return self._tok.id_to_token(id) or ""

@@ -39,8 +39,12 @@ class MistralCommonTokenizer(Tokenizer):
             raise RequestError(f"text to encode must be a string, got {type(text).__name__}")
         return list(self._raw.encode(text, bos=add_bos, eos=False))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._raw.decode(list(ids))  # special_token_policy defaults to IGNORE: control tokens skipped
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self._raw.decode(list(ids))  # special_token_policy defaults to IGNORE: control tokens skipped
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        return self._raw.decode(list(ids), special_token_policy=SpecialTokenPolicy.KEEP)
 
     def id_to_piece(self, id: int) -> str:
         return self._raw.id_to_piece(id)

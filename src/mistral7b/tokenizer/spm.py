@@ -47,8 +47,17 @@ class SentencePieceTokenizer(Tokenizer):
         ids = self.sp.encode(text)
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids  # type: ignore[list-item]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(ids))  # control tokens decode to nothing
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self.sp.decode(list(ids))  # control tokens decode to nothing
+        out, run = [], []  # control tokens as their pieces, the runs between them decoded as usual
+        for i in ids:
+            if self.sp.is_control(i):
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.decode(run)])
 
     def id_to_piece(self, id: int) -> str:
         return self.sp.id_to_piece(id)
