@@ -122,3 +122,13 @@ def test_truncated_gguf_is_one_clear_line(tmp_path):
     p = run("generate", "--model", str(bad), "--prompt", "x", "--quiet")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error:") and "cut.gguf" in p.stderr
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_help_says_which_sampling_defaults_apply(command):
+    p = run(command, "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "The embedded model (no --model) has none: llama.cpp's apply" in text
+    assert "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05" in text
+

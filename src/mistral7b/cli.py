@@ -58,7 +58,8 @@ def _sampling_options(p: argparse.ArgumentParser, temperature: float | None, max
     g = p.add_argument_group(
         "sampling", "Options left out take the model's sampling defaults: its generation_config.json or GGUF "
         "general.sampling.* keys where it has them, else llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, "
-        "min-p 0.05, repetition penalty 1).")
+        "min-p 0.05, repetition penalty 1). The embedded model (no --model) has none: llama.cpp's apply. "
+        "chat prints the sampling it runs with, and /help repeats it.")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
     g.add_argument("--temperature", type=float, default=temperature,
                    help="0 = greedy (" + ("default: 0" if temperature == 0 else MODEL_DEFAULT) + ")")
