@@ -134,3 +134,33 @@ def test_a_stream_longer_than_the_grace_period_ends_cleanly(tmp_path, sig):
     assert '"finish_reason": "abort"' in rest[-2] or '"finish_reason":"abort"' in rest[-2], rest[-3:]
     assert code in (0, -sig), log[-3000:]
     assert took < 10 and "Traceback" not in log, log[-3000:]
+
+
+def test_a_second_signal_during_the_grace_period_exits_at_once(tmp_path):
+    """SIGTERM, then SIGTERM again while a long stream runs inside a long grace period: the process exits at once
+    (not after the 30 s the period allows), with no traceback."""
+    from tests.conftest import smollm2_path
+
+    s = start_server(smollm2_path(), str(tmp_path), "--shutdown-timeout", "30", "--log-level", "info")
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", s.v1 + "/completions", json=body) as r:
+                lines = r.iter_lines()
+                next(lines)
+                s.process.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                sent = time.monotonic()
+                s.process.send_signal(signal.SIGTERM)
+                try:
+                    for _ in lines:
+                        pass
+                except httpx.HTTPError:
+                    pass  # the connection may be cut: the second signal ends everything
+        code = s.process.wait(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        s.stop()
+    log = open(s.log).read()
+    assert took < 10 and code in (0, -signal.SIGTERM), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

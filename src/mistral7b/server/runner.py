@@ -4,7 +4,7 @@ the main thread, the one that loaded the model (see async_engine.py for why that
 SIGINT/SIGTERM ask uvicorn to shut down gracefully: it stops accepting connections and lets running requests
 finish for `shutdown_timeout` seconds; what still runs shortly before that ends with finish_reason "abort" (a
 last chunk and [DONE] for a stream), then the app's shutdown stops the engine loop. A second signal ends
-everything at once.
+every request at once the same way; a third stops waiting for connections.
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ def serve(app: Any, engine: AsyncEngine, host: str, port: int, log_level: str, s
         finally:
             engine.stop()  # also when uvicorn could not start (port taken): the engine loop must end too
 
+    signals = 0
+
     def on_signal(signum: int, frame: Any) -> None:
-        if server.should_exit:  # a second signal: end now
-            server.force_exit = True
-            engine.abort_all_at(time.monotonic())
+        nonlocal signals
+        signals += 1
+        if signals == 2:  # end now: every stream ends at once (a last chunk, [DONE]), so the connections close
+            engine.abort_all_at(time.monotonic())  # and uvicorn's shutdown completes without cutting anything
+        elif signals > 2:
+            server.force_exit = True  # a client that does not read its last chunk no longer holds the exit
         server.should_exit = True
         # streams still running near the end of the grace period end with a last chunk ("abort") and [DONE]
         # before uvicorn would cut them
