@@ -161,12 +161,17 @@ def test_draw_above_follows_the_kept_distribution():
     (torch.rand(2, 8, dtype=torch.float64), torch.rand(2), torch.rand(2), "probs: contiguous float32"),
     (torch.rand(2, 8), torch.rand(3), torch.rand(2), r"limit: float32 \[rows\]"),
     (torch.rand(2, 8), torch.rand(2), torch.rand(2, 1), r"u: float32 \[rows\]"),
-    (torch.tensor([[0.5, 0.2]]), torch.tensor([0.9]), torch.rand(1), "row 0 keeps no positive value"),
-    (torch.zeros(1, 4), torch.zeros(1), torch.rand(1), "row 0 keeps no positive value"),
 ])
 def test_draw_above_bad_inputs_say_what_is_wrong(probs, limit, u, message):
     with pytest.raises(RuntimeError, match=message):
         cpu.load(notice=False).draw_above(probs, limit, u)
+
+
+def test_draw_above_marks_rows_with_nothing_to_draw():
+    """-1 for a row whose limit keeps nothing, or whose values are all zero or NaN; the other rows are drawn."""
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.0, 0.0, 0.0], [float("nan")] * 3, [0.5, 0.2, 0.3]])
+    got = cpu.load(notice=False).draw_above(probs, torch.tensor([0.9, 0.0, 0.0, 0.4]), torch.full((4,), 0.5))
+    assert got.tolist() == [-1, -1, -1, 0]
 
 
 def test_penalize_gives_the_samplers_torch_bits():

@@ -235,3 +235,19 @@ def test_top_p_over_a_flat_distribution_draws_from_the_nucleus(p, extension, mon
     freq = torch.bincount(groups[tokens], minlength=9)[:8].double() / n
     mass = torch.zeros(8, dtype=torch.float64).index_add_(0, groups[nucleus], probs[nucleus].double())
     assert ((freq - mass).abs() <= 5 * torch.sqrt(mass * (1 - mass) / n)).all(), (freq, mass)
+
+
+@pytest.mark.parametrize("p", [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0),
+                               SamplingParams(temperature=0.8, top_k=5, top_p=0.9)])
+def test_a_broken_row_does_not_stop_the_batch(p):
+    """Rows of NaN or of -inf logits (a broken model's, or every token banned) draw some token instead of raising
+    for the whole batch (an error here would end the engine for every request); the other rows draw as usual."""
+    logits = logits_row(9).expand(6, -1).clone()
+    logits[1] = float("nan")
+    logits[3] = float("-inf")
+    s, slots = sampler_for([p] * 6, seed=3)
+    tokens = s.sample(logits, slots).tokens
+    assert tokens.shape == (6,) and ((tokens >= 0) & (tokens < VOCAB)).all()
+    allowed = set((hf_probs(logits_row(9), p) > 0).nonzero()[:, 0].tolist())
+    assert {int(tokens[i]) for i in (0, 2, 4, 5)} <= allowed
+

@@ -38,7 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "select (no sort)", py::arg("probs"), py::arg("top_p"));
   m.def("draw_above", &draw_above, nogil(),
         "per row, a draw among the values >= limit, each with probability value / their sum, from u in [0, 1): "
-        "the kept value where their running sum in vocabulary order first exceeds u * sum",
+        "the kept value where their running sum in vocabulary order first exceeds u * sum; -1 for a row that keeps "
+        "no positive value",
         py::arg("probs"), py::arg("limit"), py::arg("u"));
   m.def("penalize", &penalize, nogil(),
         "rows x with the repetition (divide positive, multiply negative), presence and frequency penalties of "

@@ -38,7 +38,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // sample.cpp: per row, the largest value t with sum(probs[probs >= t]) >= top_p (probs >= t: the nucleus)
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p);
-// a draw per row among the values >= limit[row], each with probability value / their sum (u[row] in [0, 1))
+// a draw per row among the values >= limit[row], each with probability value / their sum (u[row] in [0, 1));
+// -1 for a row that keeps no positive value
 at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at::Tensor& u);
 // the repetition, presence and frequency penalties of rows x from their slots' counts and prompt marks
 at::Tensor penalize(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& seen, const at::Tensor& slots,

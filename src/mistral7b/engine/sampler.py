@@ -220,7 +220,8 @@ class Sampler:
         if self.uses["plain"]:  # neither top-k nor top-p
             probs = scaled.softmax(-1)
             if native is not None:  # min-p as a limit per row, drawn without a cumulative sum
-                picks = native.draw_above(probs, p[:, MIN_P] * probs.amax(-1), u)
+                probs = probs.nan_to_num_(0.0)
+                picks = _or_argmax(native.draw_above(probs, p[:, MIN_P] * probs.amax(-1), u), scaled)
             else:
                 picks = _inverse_cdf(_min_p(probs, p[:, MIN_P]), u)
         k_max = max(self.top_ks, default=0)
@@ -238,9 +239,9 @@ class Sampler:
             method = _top_p_method(candidates, scaled)
             if method == "threshold":  # top-p's threshold, min-p's if higher, one pass to draw
                 ops = cpu.load(notice=False)
-                probs = scaled.softmax(-1)
+                probs = scaled.softmax(-1).nan_to_num_(0.0)  # a broken row (NaN logits) must not stop the batch
                 limit = torch.maximum(ops.top_p_threshold(probs, top_p.contiguous()), p[:, MIN_P] * probs.amax(-1))
-                drawn = ops.draw_above(probs, limit, u)
+                drawn = _or_argmax(ops.draw_above(probs, limit, u), scaled)
             elif method == "topk" and V > CPU_CANDIDATES:
                 drawn = _top_p_candidates(scaled, top_p, p[:, MIN_P], u)
             else:
@@ -290,6 +291,14 @@ def _native_draws(scaled: torch.Tensor) -> Any:
         return None
     ops = cpu.load(notice=False)
     return ops if ops is not None and hasattr(ops, "draw_above") else None
+
+
+def _or_argmax(drawn: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """draw_above's picks, rows that had nothing to draw from (-1: NaN or no finite logit) taking their argmax,
+    as greedy rows do (the PyTorch path draws some index there too, never an error for the whole batch)."""
+    if bool((drawn < 0).any()):
+        drawn = torch.where(drawn < 0, scaled.argmax(-1), drawn)
+    return drawn
 
 
 def _top_p_method(candidates: str, scaled: torch.Tensor) -> str:
