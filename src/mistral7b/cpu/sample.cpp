@@ -219,19 +219,25 @@ double kept_sum(const float* x, int64_t V, float limit) {
 
 // The index i of a kept value (x[i] >= limit > 0) where the kept values' running sum first exceeds u * total,
 // in vocabulary order; the last kept index where rounding leaves the target past the end; -1 if none is kept.
-// Blocks of 64 whose kept sum does not reach the target are skipped whole.
-int64_t draw_row(const float* x, int64_t V, float limit, double u) {
-  const double target = u * kept_sum(x, V, limit);
-  double run = 0.0;
+// The kept sums of blocks of 64 are taken once (`blocks`: the caller's scratch): their total sets the target, and
+// the walk skips whole blocks that do not reach it.
+int64_t draw_row(const float* x, int64_t V, float limit, double u, std::vector<double>& blocks) {
   constexpr int64_t kBlock = 64;
-  for (int64_t start = 0; start < V; start += kBlock) {
-    const int64_t n = std::min(kBlock, V - start);
-    const double block = kept_sum(x + start, n, limit);
-    if (run + block <= target) {
-      run += block;
+  const int64_t count = (V + kBlock - 1) / kBlock;
+  blocks.resize(count);
+  double total = 0.0;
+  for (int64_t b = 0; b < count; ++b) {
+    blocks[b] = kept_sum(x + b * kBlock, std::min(kBlock, V - b * kBlock), limit);
+    total += blocks[b];
+  }
+  const double target = u * total;
+  double run = 0.0;
+  for (int64_t b = 0; b < count; ++b) {
+    if (run + blocks[b] <= target) {
+      run += blocks[b];
       continue;
     }
-    for (int64_t i = start; i < start + n; ++i) {
+    for (int64_t i = b * kBlock; i < std::min(V, (b + 1) * kBlock); ++i) {
       if (!(x[i] >= limit)) continue;
       run += x[i];
       if (run > target) return i;
@@ -261,7 +267,8 @@ at::Tensor draw_above(const at::Tensor& probs, const at::Tensor& limit, const at
   parallel_for(R, [&](int64_t r) {
     // a limit of 0 keeps zeros too, which are never drawn: the smallest positive float instead
     const float lim = std::max(lp[r], std::numeric_limits<float>::denorm_min());
-    o[r] = draw_row(base + r * V, V, lim, static_cast<double>(up[r]));
+    thread_local std::vector<double> blocks;
+    o[r] = draw_row(base + r * V, V, lim, static_cast<double>(up[r]), blocks);
   });
   return out;  // -1 where a row keeps no positive value at or above its limit
 }
