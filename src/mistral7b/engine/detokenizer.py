@@ -31,6 +31,10 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """An empty window at the first id."""
         self._start = 0  # the window: ids[_start:]
         self._read = 0  # ids[:_read] have complete text, `_done`
         self._done = ""
@@ -62,16 +66,12 @@ class IncrementalDetokenizer:
     def _text_of(self, ids: Sequence[int]) -> str:
         """decode(ids) without its trailing unfinished UTF-8, from a decode of the window alone."""
         if len(ids) < self._read:  # not a continuation of what came before: start over
-            self._start = self._read = 0
-            self._done = self._context = ""
-            self._marks = [0]
+            self._reset()
         window = self._decode(ids[self._start :])
         if window.startswith(self._context):
             new = window[len(self._context) :]
         else:  # earlier text changed with later ids: decode everything once, restart the window at 0
-            self._start = self._read = 0
-            self._done = self._context = ""
-            self._marks = [0]
+            self._reset()
             window = new = self._decode(ids)
         complete = new.rstrip("\ufffd")
         text = self._done + complete

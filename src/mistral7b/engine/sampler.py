@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
@@ -217,10 +216,14 @@ class Sampler:
         top_k, top_p = p[:, TOP_K].long(), p[:, TOP_P]
         picks = None
         native = _native_draws(scaled)
-        if self.uses["plain"]:  # neither top-k nor top-p
+        method = _top_p_method(candidates, scaled) if self.uses["top_p_only"] else None
+        probs = None  # the softmax, once for the paths below that take it
+        if self.uses["plain"] or method == "threshold":
             probs = scaled.softmax(-1)
-            if native is not None:  # min-p as a limit per row, drawn without a cumulative sum
+            if native is not None:  # a broken row (NaN logits) must not stop the batch
                 probs = probs.nan_to_num_(0.0)
+        if self.uses["plain"]:  # neither top-k nor top-p
+            if native is not None:  # min-p as a limit per row, drawn without a cumulative sum
                 picks = _or_argmax(native.draw_above(probs, p[:, MIN_P] * probs.amax(-1), u), scaled)
             else:
                 picks = _inverse_cdf(_min_p(probs, p[:, MIN_P]), u)
@@ -235,13 +238,10 @@ class Sampler:
             drawn = _nucleus(values.masked_fill(position >= top_k[:, None], float("-inf")), ids, top_p,
                              p[:, MIN_P], u)
             picks = drawn if picks is None else torch.where(top_k > 0, drawn, picks)
-        if self.uses["top_p_only"]:  # rows with top-p and no top-k: over the whole vocabulary
-            method = _top_p_method(candidates, scaled)
+        if method is not None:  # rows with top-p and no top-k: over the whole vocabulary
             if method == "threshold":  # top-p's threshold, min-p's if higher, one pass to draw
-                ops = cpu.load(notice=False)
-                probs = scaled.softmax(-1).nan_to_num_(0.0)  # a broken row (NaN logits) must not stop the batch
-                limit = torch.maximum(ops.top_p_threshold(probs, top_p.contiguous()), p[:, MIN_P] * probs.amax(-1))
-                drawn = _or_argmax(ops.draw_above(probs, limit, u), scaled)
+                limit = torch.maximum(native.top_p_threshold(probs, top_p.contiguous()), p[:, MIN_P] * probs.amax(-1))
+                drawn = _or_argmax(native.draw_above(probs, limit, u), scaled)
             elif method == "topk" and V > CPU_CANDIDATES:
                 drawn = _top_p_candidates(scaled, top_p, p[:, MIN_P], u)
             else:
@@ -319,8 +319,7 @@ def _top_p_candidates(scaled: torch.Tensor, top_p: torch.Tensor, min_p: torch.Te
     over the sorted vocabulary. Reads the rows' coverage back: only for a CPU, where nothing runs ahead of the
     host. The path of a CPU without the extension."""
     values, ids = scaled.topk(CPU_CANDIDATES, dim=-1)
-    logsumexp = scaled.logsumexp(-1, keepdim=True)
-    probs = (values - logsumexp).exp()
+    probs = (values - scaled.logsumexp(-1, keepdim=True)).exp()
     keep = ((probs.cumsum(-1) - probs) < top_p[:, None]) & (probs >= min_p[:, None] * probs[:, :1])
     picks = ids.gather(1, _inverse_cdf(probs * keep, u)[:, None])[:, 0]
     wide = (probs.sum(-1) < top_p).nonzero()[:, 0]
