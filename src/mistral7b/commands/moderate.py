@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from mistral7b.errors import RequestError
@@ -62,7 +61,7 @@ def run(a: argparse.Namespace) -> int:
     from mistral7b.cli import _llm
     from mistral7b.moderation import Moderator, Policy
     from mistral7b.moderation.classifier import check_item
-    from mistral7b.moderation.reliability import warning
+    from mistral7b.moderation.reliability import announce
 
     if (a.text is None) == (a.file is None):
         raise RequestError("give exactly one of a TEXT argument or --file FILE.jsonl")
@@ -73,9 +72,7 @@ def run(a: argparse.Namespace) -> int:
     for i, item in enumerate(items):
         check_item(i, item)  # empty texts fail before the model loads
     llm = _llm(a)
-    note = warning(llm.model_path)
-    if note is not None:
-        print(note, file=sys.stderr, flush=True)
+    announce(llm.model_path)
     moderator = Moderator(llm, a.taxonomy)
     for start in range(0, len(items), 16):
         batch = items[start : start + 16]

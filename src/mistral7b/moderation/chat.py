@@ -8,7 +8,6 @@ replaced by a notice naming the category. A refused or withheld exchange is left
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -68,11 +67,9 @@ def chat_guard(a: argparse.Namespace) -> Callable[[LLM], ChatGuard] | None:
         raise RequestError(f"--moderate takes input, output or input,output; got {a.moderate!r}")
     Policy(a.moderate_taxonomy, a.moderate_categories)  # unknown category names fail here
     def make(llm: LLM) -> ChatGuard:
-        from mistral7b.moderation.reliability import warning
+        from mistral7b.moderation.reliability import announce
 
-        note = warning(llm.model_path)
-        if note is not None:  # never present an unreliable filter as protection
-            print(note, file=sys.stderr, flush=True)
+        announce(llm.model_path)
         return ChatGuard(llm, sides, a.moderate_taxonomy, a.moderate_categories)
 
     return make

@@ -10,6 +10,7 @@ kept here, and any other checkpoint is reported as not measured.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,3 +58,12 @@ def warning(model_path: str) -> str | None:
         return None
     name = os.path.basename(os.path.normpath(model_path))
     return f"warning: moderation by {name}: {r['note']}"
+
+
+def announce(model_path: str) -> None:
+    """Print the warning (stderr) when moderation is switched on: never present an unreliable filter as
+    protection."""
+    note = warning(model_path)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
+
