@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -164,3 +165,52 @@ def test_a_second_signal_during_the_grace_period_exits_at_once(tmp_path):
     log = open(s.log).read()
     assert took < 10 and code in (0, -signal.SIGTERM), log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def _api_process(pid: int) -> int:
+    """The server's API process: the child of the engine's process that multiprocessing spawned for it (not
+    its resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            cmdline = f.read()
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            return child
+    raise AssertionError(f"no API process among {children}")
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):  # a zombie: ended, not reaped by its parent yet
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_two_processes_end_together(tiny_model, tmp_path):
+    """HTTP runs in a process of its own: if it dies, the engine's process ends with a clear error (no
+    traceback); if the engine's process dies, the API process stops serving and ends instead of answering
+    requests nothing will run."""
+    s = start_server(tiny_model, str(tmp_path), "--max-model-len", "512")
+    try:
+        os.kill(_api_process(s.process.pid), signal.SIGKILL)
+        code = s.process.wait(timeout=60)
+        log = open(s.log).read()
+        assert code != 0 and "the API server's process ended" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        s.stop()
+
+    s = start_server(tiny_model, str(tmp_path), "--max-model-len", "512")
+    try:
+        api = _api_process(s.process.pid)
+        s.process.kill()
+        s.process.wait(timeout=30)
+        assert _gone(api, timeout=30)
+    finally:
+        s.stop()

@@ -68,11 +68,7 @@ def run(a: argparse.Namespace) -> int:
     from mistral7b.cli import _llm
     from mistral7b.engine.generation_config import NEUTRAL
     from mistral7b.moderation.chat import chat_guard
-    from mistral7b.server.app import build_app
-    from mistral7b.server.async_engine import AsyncEngine
-    from mistral7b.server.metrics import Metrics
-    from mistral7b.server.runner import serve
-    from mistral7b.server.state import ServerState
+    from mistral7b.server.runner import ApiServerSpec, core_operations, serve
 
     if not 0 <= a.port <= 65535:
         raise RequestError(f"--port must be in [0, 65535], got {a.port}")
@@ -92,15 +88,15 @@ def run(a: argparse.Namespace) -> int:
         options["kv_cache_memory"] = int(a.kv_cache_memory * (1 << 30))
     llm = _llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)
     name = a.served_model_name or _model_name(llm.model_path)
-    engine = AsyncEngine(llm.engine, max_waiting=a.max_queue)
-    metrics = Metrics(llm.engine, lambda: engine.num_requests, name)
-    engine.metrics = metrics
-    state = ServerState(llm=llm, engine=engine, metrics=metrics, served_name=name, api_key=a.api_key or None,
-                        guard=make_guard(llm) if make_guard else None, max_logprobs=a.max_logprobs,
-                        safe_prompt=a.safe_prompt,
-                        sampling_defaults=llm.sampling_defaults if a.generation_config == "auto" else NEUTRAL)
-    app = build_app(state, cors_origins=a.cors_origin, max_body_bytes=int(a.max_body_mb * (1 << 20)))
-    serve(app, engine, a.host, a.port, a.log_level, a.shutdown_timeout)
+    guard = make_guard(llm) if make_guard else None
+    spec = ApiServerSpec(
+        model_path=llm.model_path, limits=llm.engine.limits, served_name=name, host=a.host, port=a.port,
+        log_level=a.log_level, shutdown_timeout=a.shutdown_timeout, api_key=a.api_key or None,
+        cors_origins=a.cors_origin, max_body_bytes=int(a.max_body_mb * (1 << 20)), max_queue=a.max_queue,
+        max_logprobs=a.max_logprobs, safe_prompt=a.safe_prompt,
+        sampling_defaults=llm.sampling_defaults if a.generation_config == "auto" else NEUTRAL,
+        moderate_input=guard is not None and guard.input, moderate_output=guard is not None and guard.output)
+    serve(llm, spec, core_operations(llm, guard, name))
     return 0
 
 

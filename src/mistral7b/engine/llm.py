@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
 import itertools
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -22,18 +21,16 @@ from mistral7b.model.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.generation_config import sampling_defaults
+from mistral7b.engine.processor import Processor, Prompt
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
-from mistral7b.guardrails import with_safe_prompt
 from mistral7b.runtime import allocator_for_compute, tune_allocator
 from mistral7b.loading import Checkpoint, open_checkpoint
 from mistral7b.model.build import QUANTIZE_MODES, build_model
 from mistral7b.model.fuse import fuse_projections
 from mistral7b.model.quantize import quantize_model
 from mistral7b.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
-
-Prompt = Union[str, Sequence[int], dict]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CHUNK_SIZE = 512
@@ -154,53 +151,23 @@ class LLM:
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
             max_model_len=self.max_model_len, chunk_size=self.chunk_size, max_num_seqs=max_batch_size,
             **(engine_options or {})), channel=self._group.channel if self._group else None)
+        self.processor = Processor(self.tokenizer, self.engine.limits, self.model_path)
         self._pending: dict[Any, collections.deque[StreamEvent]] = {}
         self._request_ids = itertools.count()
         allocator_for_compute()  # loaded: step buffers from the heap from now on (runtime.py)
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise RequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(f"{self.model_path} has no tokenizer: give token ids instead of text")
-            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
-        else:
-            ids = list(prompt)
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.args.vocab_size:
-                    raise RequestError(f"token id {t!r} is not in [0, {self.args.vocab_size})")
-        if not ids:
-            raise RequestError("the prompt is empty")
-        return ids
+        return self.processor.encode_prompt(prompt)
 
     def encode_chat(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
-        if self.tokenizer is None:
-            raise RequestError(f"{self.model_path} has no tokenizer, so it cannot format a chat")
-        if not isinstance(messages, list):
-            raise RequestError("messages must be a list of {role, content} objects")
-        return self.tokenizer.encode_chat(with_safe_prompt(messages, safe_prompt), add_generation_prompt=True)
-
-    def _fit(self, ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Cap max_tokens to the context left; a prompt that does not fit at all is an error."""
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise RequestError(
-                f"the prompt has {len(ids)} tokens, which leaves no room in the context of {self.max_model_len}"
-            )
-        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room)) if params.max_tokens > room else params
+        return self.processor.encode_chat(messages, safe_prompt)
 
     # ---- generation --------------------------------------------------------------------------------
     def stream_ids(self, batch: Sequence[list[int]], params: Sequence[SamplingParams]) -> Iterator[StreamEvent]:
         """Run prompts (token ids) together through the engine; events carry the prompt's index in `batch` as
         request_id. Closing the iterator early aborts whatever is still running."""
-        fitted = [self._fit(ids, p) for ids, p in zip(batch, params)]
+        fitted = [self.processor.fit(ids, p) for ids, p in zip(batch, params)]
         for ids, p in zip(batch, fitted):
             self.engine.check_prompt(ids, p)
         rids = []

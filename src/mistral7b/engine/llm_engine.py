@@ -3,7 +3,7 @@
 Requests come in with `add_request` and leave when done or on `abort_request`; each `step` schedules a batch
 (continuous batching over the paged KV cache), runs the model once, samples one token for every sequence whose
 computed span reached its last token, and returns the stream events of that step. The engine is synchronous
-and single-threaded: the server drives it from one background thread (server/async_engine.py).
+and single-threaded: the server drives it from the engine core's loop in its own process (server/engine_core.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.kv_memory import cuda_kv_memory
 from mistral7b.engine.model_runner import ModelRunner, StepInput
-from mistral7b.engine.outputs import StreamEvent
+from mistral7b.engine.outputs import EngineStats, StreamEvent
+from mistral7b.engine.processor import PromptLimits
 from mistral7b.engine.sampler import Sampler, SamplerOutput
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
@@ -155,6 +156,7 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))
         self.vocab_size = getattr(model, "global_args", self.args).vocab_size
+        self.limits = PromptLimits(self.vocab_size, config.max_model_len, config.chunk_size, bs, window, num_blocks)
         # slots for twice the running batch: preempted sequences keep theirs until one is needed
         self.sampler = Sampler(2 * config.max_num_seqs, self.vocab_size, device)
         self.requests: dict[Hashable, list[Sequence]] = {}
@@ -175,28 +177,12 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """RequestError unless this prompt with this many new tokens can run here."""
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.vocab_size
-        for t in prompt_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise RequestError(f"token id {t!r} is not in [0, {vocab})")
-        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            outside = [t for t in ids if not 0 <= t < vocab]
-            if outside:  # vLLM refuses these too; a bias outside the vocabulary has no logit to add to
-                raise RequestError(f"{name}: token id {outside[0]} is not in [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.config.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.config.max_model_len} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more ({total} in all)"
-            )
-        need = max_blocks_per_seq(total, self.config.chunk_size, self.config.block_size, self.args.sliding_window)
-        if need > self.blocks.num_blocks:
-            raise RequestError(
-                f"the request needs {need} KV cache blocks but the cache holds {self.blocks.num_blocks}: "
-                f"shorten the prompt or max_tokens, or give the KV cache more memory"
-            )
+        self.limits.check(prompt_ids, params)
+
+    def stats(self) -> EngineStats:
+        """The gauges and counters a server reports (server/metrics.py), read now."""
+        return EngineStats(self.num_running, self.blocks.usage, self.scheduler.num_preemptions,
+                           self.blocks.prefix_queries, self.blocks.prefix_hits)
 
     def add_request(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams,
                     arrival: float | None = None) -> None:

@@ -138,7 +138,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("give exactly one of prompt or messages")
         if body.prompt is not None:
-            tokenizer = state.llm.tokenizer
+            tokenizer = state.processor.tokenizer
             if tokenizer is None:
                 raise RequestError("this model has no tokenizer")
             special = state.special_tokens()
@@ -155,7 +155,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
         """What lm-evaluation-harness's remote tokenizer asks for (vLLM's endpoint)."""
-        tokenizer = state.llm.tokenizer
+        tokenizer = state.processor.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer")
         names = {v: k for k, v in state.special_tokens().items()}
@@ -165,10 +165,10 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         state.check_model(body.model)
-        tokenizer = state.llm.tokenizer
+        tokenizer = state.processor.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer")
-        vocab = state.llm.args.vocab_size
+        vocab = state.processor.vocab_size
         bad = next((t for t in body.tokens if t >= vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is not in [0, {vocab})")
@@ -183,9 +183,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
         if isinstance(body, dict):
             state.check_model(body.get("model") if isinstance(body.get("model"), str) else None)
-        from mistral7b.moderation.policy import moderation_response
-
-        return await state.engine.call(lambda: moderation_response(state.moderator(), body, state.served_name))
+        return await state.engine.call("moderate", body)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -1,46 +1,40 @@
-"""AsyncEngine: the synchronous LLMEngine driven by one thread, streamed to asyncio requests.
+"""AsyncEngine: the engine as the API server's event loop sees it: requests in, one event stream per request
+out, over a Connection to the `EngineCore` (server/engine_core.py) that drives the engine in its own process
+(a thread in tests).
 
-The engine is not thread-safe, so only its thread touches it: requests and aborts are sent to it as commands,
-and each step's events come back to the event loop in one `call_soon_threadsafe`, where they are routed to the
-per-request queues. The engine thread sleeps while there is no work. A request whose consumer goes away
-(client disconnect, cancellation) is aborted, which frees its blocks at the next step boundary.
-
-The engine runs in the thread that loaded the model (`run`, from server/runner.py), and HTTP in another:
-PyTorch's CPU thread pool belongs to the thread that first used it, and its workers keep spinning, so a second
-thread computing beside it runs at well under half speed (measured: 32 ms instead of 13 ms a decode step).
+Two threads move the messages (server/messages.py) so that the event loop never blocks on the connection: a
+writer sends what the loop queued, a reader receives and hands each message to the loop in one
+`call_soon_threadsafe`, where a step's events are routed to the per-request queues. A request whose consumer
+goes away (client disconnect, cancellation) is aborted, which frees its blocks at the engine's next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from multiprocessing.connection import Connection
+from typing import Any
 
-from mistral7b.engine.llm_engine import LLMEngine
-from mistral7b.engine.outputs import StreamEvent
+from mistral7b.engine.outputs import EngineStats, StreamEvent
+from mistral7b.engine.processor import PromptLimits
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.server.errors import APIError
+from mistral7b.server.messages import (AbortRequest, AddRequest, Call, CallResult, EngineDied, RequestFailed,
+                                       Shutdown, StepOutput)
 from mistral7b.server.metrics import Metrics
 
 log = logging.getLogger("mistral7b.server")
 
 
-T = TypeVar("T")
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller went away
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _dead() -> APIError:
+    return APIError(503, "the engine failed; the server must be restarted", "unavailable_error", code="engine_dead")
 
 
 @dataclass
@@ -48,47 +42,61 @@ class _Stream:
     queue: asyncio.Queue
     arrival: float
     num_prompt: int
+    n: int
+    ended: set[int] = field(default_factory=set)  # completions whose last event is queued
     first_token: float | None = None
     last_token: dict[int, float] = field(default_factory=dict)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: Metrics | None = None):
-        self.engine, self.max_waiting, self.metrics = engine, max_waiting, metrics
-        self._commands: collections.deque = collections.deque()
-        self._wake = threading.Condition()
+    def __init__(self, conn: Connection, limits: PromptLimits, max_waiting: int, metrics: Metrics | None = None,
+                 on_dead: Callable[[], None] | None = None):
+        """`on_dead()`: called on the event loop when the engine fails or its process goes away (the server
+        shuts down then, as nothing can be served)."""
+        self._conn, self.limits, self.max_waiting, self.metrics = conn, limits, max_waiting, metrics
+        self.on_dead = on_dead
+        self.stats = EngineStats()  # the engine's gauges, as of its last step
         self._streams: dict[str, _Stream] = {}
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self._abort_at: float | None = None  # graceful shutdown: what still runs then ends as "abort"
-        self.error: BaseException | None = None
+        self.dead = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Deliver events to this event loop (the server's); called when the app starts."""
+        """Deliver events to this event loop (the server's) and start moving messages; called when the app
+        starts."""
         self._loop = loop
-
-    def run(self) -> None:
-        """The engine loop, in the calling thread, until `stop()` (or a failure, kept in `error`)."""
-        self._loop_forever()
+        threading.Thread(target=self._write, name="mistral7b-engine-writer", daemon=True).start()
+        threading.Thread(target=self._read, name="mistral7b-engine-reader", daemon=True).start()
 
     def abort_all_at(self, deadline: float) -> None:
-        """Graceful shutdown: every request still running at `deadline` (time.monotonic()) ends with a final
-        event, finish_reason "abort", so that its response ends properly (a last chunk, then [DONE]) before the
-        server's grace period runs out; signal-safe (called from a signal handler)."""
-        self._abort_at = deadline if self._abort_at is None else min(self._abort_at, deadline)
+        """Graceful shutdown: every request still running at `deadline` (time.monotonic(), the event loop's
+        clock) ends with a final event, finish_reason "abort", so that its response ends properly (a last
+        chunk, then [DONE]) before the server's grace period runs out; signal-safe."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(
+                    lambda: loop.call_later(max(0.0, deadline - time.monotonic()), self._abort_everything))
+            except RuntimeError:  # the loop closed meanwhile
+                pass
 
     def stop(self) -> None:
-        """Abort whatever is left and end the engine loop."""
+        """Abort whatever is left and tell the engine to shut down."""
+        if self._stopping:
+            return
+        self._stopping = True
         for rid in list(self._streams):
-            self._send(("abort", rid))
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
+            self._send(AbortRequest(rid))
+        self._send(Shutdown())
+        self._outbox.put(None)  # the writer ends after the shutdown
 
     @property
     def alive(self) -> bool:
-        return self.error is None and not self._stopping
+        return not self.dead and not self._stopping
 
     @property
     def num_requests(self) -> int:
@@ -100,94 +108,56 @@ class AsyncEngine:
         429 queue full, 503 engine down); iterate the result for its events."""
         if not self.alive:
             raise APIError(503, "the engine is not running", "unavailable_error", code="engine_dead")
-        self.engine.check_prompt(prompt_ids, params)
-        if len(self._streams) - self.engine.num_running >= self.max_waiting:
+        self.limits.check(prompt_ids, params)
+        if len(self._streams) - self.stats.num_running >= self.max_waiting:
             raise APIError(429, f"the server is busy: {self.max_waiting} requests are already waiting; retry later",
                            "rate_limit_error", code="queue_full", retry_after=1)
         rid = uuid.uuid4().hex
-        stream = _Stream(asyncio.Queue(), time.monotonic(), len(prompt_ids))
+        stream = _Stream(asyncio.Queue(), time.monotonic(), len(prompt_ids), params.n)
         self._streams[rid] = stream
-        self._send(("add", rid, prompt_ids, params, stream.arrival))
+        self._send(AddRequest(rid, list(prompt_ids), params, stream.arrival))
         if self.metrics is not None:
             self.metrics.request_added(len(prompt_ids))
         return RequestStream(self, rid, stream, params.n)
 
     def _close(self, rid: str, finished: bool) -> None:
         self._streams.pop(rid, None)
-        if not finished:
-            self._send(("abort", rid))
+        if not finished and not self._stopping:
+            self._send(AbortRequest(rid))
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run fn() on the engine thread between two steps (the model is never used by two threads at once):
-        what moderation scoring uses."""
+    async def call(self, op: str, *args: Any) -> Any:
+        """Run the engine process's operation `op(*args)` between two steps (the model is never used by two
+        threads at once): what moderation uses."""
         if not self.alive:
             raise APIError(503, "the engine is not running", "unavailable_error", code="engine_dead")
+        call_id = next(self._call_ids)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._send(("call", fn, future))
-        return await future
-
-    def _send(self, command: tuple) -> None:
-        with self._wake:
-            self._commands.append(command)
-            self._wake.notify()
-
-    # ---- event loop side -----------------------------------------------------------------------------
-    def _deliver(self, events: list[StreamEvent]) -> None:
-        now, tokens = time.monotonic(), 0
-        for event in events:
-            stream = self._streams.get(event.request_id)
-            if stream is None:
-                continue
-            if event.token_id is not None and self.metrics is not None:
-                tokens += 1
-                if stream.first_token is None:
-                    stream.first_token = now
-                    self.metrics.first_token(now - stream.arrival)
-                previous = stream.last_token.get(event.index)
-                if previous is not None:
-                    self.metrics.inter_token(now - previous)
-                stream.last_token[event.index] = now
-            stream.queue.put_nowait(event)
-        if tokens:
-            self.metrics.generated(tokens)
-
-    def _fail(self, request_id: str, error: BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.queue.put_nowait(error)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for stream in self._streams.values():
-            stream.queue.put_nowait(error)
-
-    # ---- engine thread -------------------------------------------------------------------------------
-    def _loop_forever(self) -> None:
+        self._calls[call_id] = future
         try:
-            while True:
-                with self._wake:
-                    while not self._commands and not self._stopping and not self.engine.has_unfinished():
-                        self._wake.wait(timeout=1.0)
-                    if self._stopping:
-                        break
-                    commands = list(self._commands)
-                    self._commands.clear()
-                for command in commands:
-                    self._apply(command)
-                if self._abort_at is not None and time.monotonic() >= self._abort_at:
-                    self._abort_everything()
-                if self.engine.has_unfinished():
-                    events = self.engine.step()
-                    if events:
-                        self._post(self._deliver, events)
-        except Exception as e:  # noqa: BLE001 - the failure is reported to every request and to /health
-            log.exception("the engine failed")
-            self.error = e
-            dead = APIError(503, "the engine failed; the server must be restarted", "unavailable_error",
-                            code="engine_dead")
-            self._post(self._fail_all, dead)
+            self._send(Call(call_id, op, args))
+            return await future
         finally:
-            for rid in list(self.engine.requests):
-                self.engine.abort_request(rid)
+            self._calls.pop(call_id, None)
+
+    def _send(self, message: Any) -> None:
+        self._outbox.put(message)
+
+    # ---- the connection's threads --------------------------------------------------------------------
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._conn.send(message)
+            except OSError:  # the engine's process is gone; the reader reports it
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._post(self._lost)
+                return
+            self._post(self._dispatch, message)
 
     def _post(self, fn: Callable[..., Any], *args: Any) -> None:
         """fn(*args) on the event loop; nothing once the loop has closed (the HTTP side is gone at shutdown)."""
@@ -199,33 +169,76 @@ class AsyncEngine:
         except RuntimeError:  # closed between the check and the call
             pass
 
-    def _abort_everything(self) -> None:
-        events = []
-        for rid, seqs in list(self.engine.requests.items()):
-            events += [StreamEvent(rid, None, "", None, "abort", seq.index) for seq in seqs if not seq.finished]
-            self.engine.abort_request(rid)
-        if events:
-            self._post(self._deliver, events)
+    # ---- event loop side -----------------------------------------------------------------------------
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, StepOutput):
+            self.stats = message.stats
+            if message.events:
+                self._deliver(message.events)
+        elif isinstance(message, RequestFailed):
+            self._fail(message.request_id, message.error.error())
+        elif isinstance(message, CallResult):
+            future = self._calls.get(message.call_id)
+            if future is not None and not future.done():  # else the caller went away
+                if message.error is not None:
+                    future.set_exception(message.error.error())
+                else:
+                    future.set_result(message.value)
+        elif isinstance(message, EngineDied):
+            self._die()
 
-    def _apply(self, command: tuple) -> None:
-        assert self._loop is not None
-        if command[0] == "abort":
-            self.engine.abort_request(command[1])
+    def _lost(self) -> None:
+        if not self._stopping:
+            log.error("the engine's process ended unexpectedly")
+            self._die()
+
+    def _die(self) -> None:
+        if self.dead:
             return
-        if command[0] == "call":
-            _, fn, future = command
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001 - handed to the caller
-                self._post(_settle, future, None, e)
-            else:
-                self._post(_settle, future, result, None)
-            return
-        _, rid, prompt_ids, params, arrival = command
-        try:
-            self.engine.add_request(rid, prompt_ids, params, arrival)
-        except Exception as e:  # noqa: BLE001 - e.g. a RequestError: it belongs to that request only
-            self._post(self._fail, rid, e)
+        self.dead = True
+        error = _dead()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        if self.on_dead is not None:
+            self.on_dead()
+
+    def _deliver(self, events: list[StreamEvent]) -> None:
+        now, tokens, metrics = time.monotonic(), 0, self.metrics
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            if event.token_id is not None and metrics is not None:
+                tokens += 1
+                if stream.first_token is None:
+                    stream.first_token = now
+                    metrics.first_token(now - stream.arrival)
+                previous = stream.last_token.get(event.index)
+                if previous is not None:
+                    metrics.inter_token(now - previous)
+                stream.last_token[event.index] = now
+            if event.finish_reason is not None:
+                stream.ended.add(event.index)
+            stream.queue.put_nowait(event)
+        if tokens:
+            metrics.generated(tokens)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(error)
+
+    def _abort_everything(self) -> None:
+        """End every open stream now: a last event ("abort") for each completion not ended yet, and the
+        engine told to drop them."""
+        events = []
+        for rid, stream in list(self._streams.items()):
+            events += [StreamEvent(rid, None, "", None, "abort", k) for k in range(stream.n) if k not in stream.ended]
+            self._send(AbortRequest(rid))
+        self._deliver(events)
 
 
 class RequestStream:

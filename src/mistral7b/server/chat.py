@@ -45,12 +45,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise RequestError(f"this model's maximum context length is {state.max_model_len} tokens; the messages "
                            f"take {len(ids)}")
     params = body.sampling_params(max_tokens, state.sampling_defaults, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    state.engine.engine.check_prompt(ids, params)
-    guard = state.guard
-    refusal = None
-    if guard is not None and guard.input:
-        refusal = await state.engine.call(lambda: guard.check_input(messages))
-    hold = guard is not None and guard.output
+    state.processor.check(ids, params)
+    refusal = await state.engine.call("check_input", messages) if state.moderate_input else None
+    hold = state.moderate_output
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "created": created, "model": state.served_name}
     n = body.n
@@ -80,7 +77,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     async def moderate_outputs() -> None:
         for k in range(n):
-            notice = await state.engine.call(lambda k=k: guard.check_output(messages, texts[k]))
+            notice = await state.engine.call("check_output", messages, texts[k])
             if notice:
                 texts[k], reasons[k], entries[k] = notice, "content_filter", []
 

@@ -95,14 +95,14 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     params = body.sampling_params(max(max_tokens, 1), state.sampling_defaults, logprobs=logprobs,
                                   top_logprobs=body.logprobs or 0, prompt_logprobs=max(wanted) if wanted else None)
     for ids in prompts:  # refuse the whole batch before any of it starts
-        state.engine.engine.check_prompt(ids, params)
+        state.processor.check(ids, params)
     streams = [state.engine.submit(ids, params) for ids in prompts]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = [_Choice(ids, keep_output=max_tokens > 0) for ids in prompts for _ in range(body.n)]
     for i, text in enumerate(texts):
         if body.echo:
             for k in range(body.n):
-                choices[i * body.n + k].text = text if text is not None else state.llm.tokenizer.decode(prompts[i])
+                choices[i * body.n + k].text = text if text is not None else state.processor.tokenizer.decode(prompts[i])
 
     def apply(i: int, event: StreamEvent) -> tuple[int, str]:
         """Fold an event into its choice; return the choice index and the text it adds."""

@@ -1,7 +1,8 @@
 """Prometheus metrics at GET /metrics, named as vLLM names them (with our prefix), in a registry per server.
 
-Gauges read the engine when scraped; counters and histograms are fed by the async engine as requests arrive,
-tokens stream out and requests end.
+Gauges and the engine's own counters are read when scraped, from the engine's state as of its last step (sent
+with each step's events: server/engine_core.py); counters and histograms are fed by the async engine as requests
+arrive, tokens stream out and requests end.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from mistral7b.engine.llm_engine import LLMEngine
+from collections.abc import Callable
+
+from mistral7b.engine.outputs import EngineStats
 
 PREFIX = "mistral7b:"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -21,36 +24,36 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 class _EngineCounters:
     """Counters the engine keeps itself (preemptions, prefix cache), exposed at scrape time."""
 
-    def __init__(self, engine: LLMEngine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+        self.stats, self.model_name = stats, model_name
 
     def collect(self):
+        stats = self.stats()
         for name, doc, value in (
-                ("num_preemptions", "Sequences preempted (freed and recomputed).",
-                 self.engine.scheduler.num_preemptions),
-                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                 self.engine.blocks.prefix_queries),
-                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.engine.blocks.prefix_hits)):
+                ("num_preemptions", "Sequences preempted (freed and recomputed).", stats.num_preemptions),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
 
 
 class Metrics:
-    def __init__(self, engine: LLMEngine, active_requests, model_name: str):
-        """`active_requests()` gives the number of requests the server holds (running or waiting). Every metric
-        carries the served `model_name` as a label, as vLLM's do (dashboards filter on it)."""
+    def __init__(self, stats: Callable[[], EngineStats], active_requests: Callable[[], int], model_name: str):
+        """`stats()` gives the engine's state as last reported, `active_requests()` the number of requests the
+        server holds (running or waiting). Every metric carries the served `model_name` as a label, as vLLM's
+        do (dashboards filter on it)."""
         self.registry = r = CollectorRegistry()
         label = {"model_name": model_name}
 
         def gauge(name: str, doc: str, read) -> None:
             Gauge(PREFIX + name, doc, ["model_name"], registry=r).labels(**label).set_function(read)
 
-        gauge("num_requests_running", "Sequences in the running batch.", lambda: engine.num_running)
+        gauge("num_requests_running", "Sequences in the running batch.", lambda: stats().num_running)
         gauge("num_requests_waiting", "Requests waiting to be scheduled.",
-              lambda: max(0, active_requests() - engine.num_running))
-        gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1).", lambda: engine.blocks.usage)
-        r.register(_EngineCounters(engine, model_name))
+              lambda: max(0, active_requests() - stats().num_running))
+        gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1).", lambda: stats().kv_cache_usage)
+        r.register(_EngineCounters(stats, model_name))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens received.", ["model_name"],
                                      registry=r).labels(**label)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model_name"],

@@ -1,49 +1,37 @@
-"""What every route shares: the loaded model (`LLM`: tokenizer, prompt checks), the async engine, metrics,
-the served model name, and the per-server settings. Also the token texts that logprobs report.
+"""What every route shares, in the API server's process: the processor (tokenizer, prompt checks), the async
+engine, metrics, the served model name, and the per-server settings. Also the token texts that logprobs report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from mistral7b.engine.generation_config import NEUTRAL, SamplingDefaults
+from mistral7b.engine.processor import Processor
 from mistral7b.errors import RequestError
 from mistral7b.server.async_engine import AsyncEngine
 from mistral7b.server.errors import APIError
 from mistral7b.server.metrics import Metrics
-
-if TYPE_CHECKING:
-    from mistral7b.engine.llm import LLM
-    from mistral7b.moderation.chat import ChatGuard
-    from mistral7b.moderation.classifier import Moderator
 
 CONTEXT_TOKENS = 4  # tokens decoded before a token to find its own text (leading spaces, merged bytes)
 
 
 @dataclass
 class ServerState:
-    llm: LLM
+    processor: Processor
     engine: AsyncEngine
     metrics: Metrics
     served_name: str
     api_key: str | None = None
-    guard: ChatGuard | None = None
+    moderate_input: bool = False  # chats are screened by the model before they run (--moderate input)
+    moderate_output: bool = False  # answers are screened before they are sent (--moderate output)
     max_logprobs: int = 20
     safe_prompt: bool = False  # the guardrail prompt on every chat, whatever the request says
     sampling_defaults: SamplingDefaults = NEUTRAL  # for the sampling fields a request leaves out
-    _moderator: Moderator | None = field(default=None, repr=False)
-
-    def moderator(self) -> Moderator:
-        """The self-reflection classifier (built on first use; the guard's own when --moderate is on)."""
-        if self._moderator is None:
-            from mistral7b.moderation.classifier import Moderator
-
-            self._moderator = self.guard.moderator if self.guard is not None else Moderator(self.llm)
-        return self._moderator
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_name:
@@ -52,7 +40,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.max_model_len
+        return self.processor.max_model_len
 
     def _check_text(self, text: str) -> None:
         # A token is rarely longer than a few dozen characters: refuse hopeless texts before tokenizing them.
@@ -63,16 +51,16 @@ class ServerState:
     async def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             self._check_text(prompt)
-            return await run_in_threadpool(self.llm.encode_prompt, prompt)
-        return self.llm.encode_prompt(prompt)
+            return await run_in_threadpool(self.processor.encode_prompt, prompt)
+        return self.processor.encode_prompt(prompt)
 
     async def encode_chat(self, messages: list[dict[str, str]], safe_prompt: bool) -> list[int]:
         self._check_text("".join(m["content"] for m in messages))
-        return await run_in_threadpool(self.llm.encode_chat, messages, safe_prompt or self.safe_prompt)
+        return await run_in_threadpool(self.processor.encode_chat, messages, safe_prompt or self.safe_prompt)
 
     def special_tokens(self) -> dict[str, int]:
         """The BOS and EOS tokens by their vocabulary text."""
-        tok = self.llm.tokenizer
+        tok = self.processor.tokenizer
         if tok is None:
             return {}
         return {tok.id_to_piece(i): i for i in (tok.bos_id, tok.eos_id) if i is not None}
@@ -85,7 +73,7 @@ class ServerState:
     def texts_after(self, context: Sequence[int], tokens: Sequence[int]) -> list[str]:
         """The text each of `tokens` would add after `context`: the context decoded once, each distinct token
         once (a sampled token is usually among its own top logprobs)."""
-        tok = self.llm.tokenizer
+        tok = self.processor.tokenizer
         if tok is None:
             return [f"<{t}>" for t in tokens]
         ctx = list(context[-CONTEXT_TOKENS:])
