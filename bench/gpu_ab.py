@@ -4,22 +4,23 @@ bench/gpu.py measures the engine as shipped; this one measures what each switch 
 same minute (machines differ by a few percent in their ceilings, so comparisons across runs are weaker):
 - batch 1 (512-token prompt, 256 greedy tokens, best of 3): programmatic dependent launch on / off
   (MISTRAL7B_PDL, kernels/pdl.py); the norm before w13 started in wo's GEMV and finished in w13's, or a kernel
-  (GemvFusion.ffn_norm_in_wo, an engine setting); wo's epilogue loads before or after its loop (kernels/gemv.EARLY_EPILOGUE);
+  (DecodeTuning.ffn_norm_in_wo); wo's epilogue loads before or after its loop (DecodeTuning.early_epilogue);
   all norms folded into wqkv's and the output's GEMVs and w2's residual add into its GEMV, or apart
-  (GemvFusion.fold_norms); SwiGLU's product in w13's GEMV or in w2's
-  (GemvFusion.swiglu_epilogue); a split's first key block of earlier steps loaded before or after PDL's wait
-  (kernels/paged_attention.KV_BEFORE_WAIT); the output's tile swept with its norm fold or the one before
-  (kernels/gemv.CONFIGS); greedy picks by our argmax kernel or PyTorch's (kernels/argmax.py); the decode graph
-  reading its inputs from pinned memory and making the picks itself, or a copy in and the argmax and a copy
-  out around it (engine/cuda_graphs.ZERO_COPY); up to 32 or 16 key splits
-  (cache/paged.MAX_SPLITS); RoPE + k/v store in wqkv's GEMV or in the separate rotary-store kernel
-  (cache/paged.PagedKVCache.attend_qkv); and the kernels of two sessions ago (norms apart, SwiGLU in w2,
-  16 splits, and the last two sessions' step-end changes off). The tokens of each variant are compared with the
+  (DecodeTuning.fold_norms); SwiGLU's product in w13's GEMV or in w2's
+  (DecodeTuning.swiglu_epilogue); a split's first key block of earlier steps loaded before or after PDL's wait
+  (DecodeTuning.kv_before_wait); greedy picks by our argmax kernel or PyTorch's (DecodeTuning.argmax_kernel);
+  the decode graph reading its inputs from pinned memory and making the picks itself, or a copy in and the
+  argmax and a copy out around it (DecodeTuning.zero_copy); up to 32 or 16 key splits
+  (DecodeTuning.max_splits); RoPE + k/v store in wqkv's GEMV or in the separate rotary-store kernel
+  (DecodeTuning.rope_in_gemv); and the kernels of two sessions ago (norms apart, SwiGLU in w2,
+  16 splits, and the last two sessions' step-end changes off). Every variant is an engine built with its own
+  DecodeTuning (kernels/tuning.py): nothing is patched. (The output projection's tile, swept before and after
+  its norm was folded in, was an A/B of kernels/gemv.CONFIGS' table; its result is in bench/README.md.) The tokens of each variant are compared with the
   first's (PDL must not change one; the others may flip bf16 near-ties on random weights);
-- 256 requests of 512 in / 256 out: the copies and picks around the graph (ZERO_COPY off), also with
+- 256 requests of 512 in / 256 out: the copies and picks around the graph (zero_copy off), also with
   PyTorch's argmax, and unsplit decode attention tiles with 2 warps rather than 1
-  (kernels/paged_attention.DECODE_WARPS).
---focus runs only this session's switch (ZERO_COPY), alternated with shipped.
+  (DecodeTuning.decode_warps).
+--focus runs only the newest switch (zero_copy), alternated with shipped.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu_ab.py   (about 3 minutes on an H200; no checkpoint is written)
 CPU smoke test of the script: PYTHONPATH=src python bench/gpu_ab.py --tiny
@@ -39,54 +40,19 @@ if "--tiny" in sys.argv:  # before Triton is imported: kernels defined now run i
 
 import torch  # noqa: E402
 
-from mistral7b.cache import paged  # noqa: E402
 from mistral7b.config import ModelArgs  # noqa: E402
-from mistral7b.engine import cuda_graphs, sampler  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
-from mistral7b.kernels import gemv, paged_attention  # noqa: E402
+from mistral7b.kernels import gemv  # noqa: E402
+from mistral7b.kernels.tuning import DecodeTuning  # noqa: E402
 from mistral7b.model.fuse import fuse_projections  # noqa: E402
 from mistral7b.model.transformer import Transformer  # noqa: E402
 
-FOLDED = paged.PagedKVCache.attend_qkv
-
-
-def unfolded(self: paged.PagedKVCache, layer: int, wqkv: Any, x: torch.Tensor, meta: Any,
-             norm: Any = None) -> torch.Tensor:
-    """attend_qkv with the projection and the rotary-store kernel apart (the path before the fold)."""
-    assert norm is None, "run with the norms apart"
-    q = self._rotary_store(gemv.project(wqkv, x)[0], meta.positions[0], self.inv_freq, meta.slot_mapping,
-                           self.k[layer], self.v[layer], self.n_heads)
-    return self._kernel_attend(layer, q, meta.kernel).unsqueeze(0)
-
-
-SPLITS = paged.MAX_SPLITS
-
-
-OUTPUT_TILE = gemv.CONFIGS[(32000, 4096)]
-OUTPUT_TILE_BEFORE = (4, 1024, 8, 3)  # swept before the final norm was folded into the output's GEMV
-KERNEL_ARGMAX = sampler._greedy
-
-
-def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
-
-
-def configure(pdl: bool = True, rope_in_gemv: bool = True, fold_norms: bool = True, swiglu_epilogue: bool = True,
-              ffn_norm_in_wo: bool = True, early_epilogue: bool = True, splits: int = SPLITS, warps: int = 1,
-              kv_before_wait: bool = True, output_tile: tuple[int, ...] = OUTPUT_TILE, argmax_kernel: bool = True,
-              zero_copy: bool = True) -> dict:
-    """Sets the switches that are still module-level; returns the engine options of the others."""
+def configure(pdl: bool = True, splits: int = 32, warps: int = 1, **tuning: Any) -> dict:
+    """A variant's engine options: its DecodeTuning (kernels/tuning.py; every switch but PDL, which is the
+    environment variable MISTRAL7B_PDL that kernels/pdl.py reads)."""
     os.environ["MISTRAL7B_PDL"] = "1" if pdl else "0"
-    paged.PagedKVCache.attend_qkv = FOLDED if rope_in_gemv else unfolded  # type: ignore[method-assign]
-    paged.MAX_SPLITS = splits
-    gemv.EARLY_EPILOGUE = early_epilogue
-    paged_attention.DECODE_WARPS = warps
-    paged_attention.KV_BEFORE_WAIT = kv_before_wait
-    gemv.CONFIGS[(32000, 4096)] = output_tile
-    sampler._greedy = KERNEL_ARGMAX if argmax_kernel else torch_argmax
-    cuda_graphs.ZERO_COPY = zero_copy
-    return {"gemv_fusion": gemv.GemvFusion(fold_norms, swiglu_epilogue, ffn_norm_in_wo)}
+    return {"tuning": DecodeTuning(max_splits=splits, decode_warps=warps, **tuning)}
 
 
 def random_model(args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
@@ -127,7 +93,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU (Triton's interpreter)")
     p.add_argument("--focus", action="store_true",
                    help="only the newest switch, alternated with shipped, at batch 1 and at 256 requests; "
-                        "the copies and picks around the graph (ZERO_COPY off)")
+                        "the copies and picks around the graph (zero_copy off)")
     a = p.parse_args()
     if a.tiny:  # the interpreter runs the kernels; one-row float32 projections take the GEMV as on a GPU
         plain = gemv.takes_kernel
@@ -148,8 +114,8 @@ def main() -> None:
 
     first = None
     kv_after = ("split keys/values loaded after PDL's wait", dict(kv_before_wait=False))
-    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16, kv_before_wait=False,
-                    output_tile=OUTPUT_TILE_BEFORE, argmax_kernel=False, zero_copy=False)
+    previous = dict(fold_norms=False, swiglu_epilogue=False, splits=16, kv_before_wait=False, argmax_kernel=False,
+                    zero_copy=False)
     copied = ("inputs copied in, picks made after the graph", dict(zero_copy=False))
     newest = [copied, ("shipped", {}), copied]
     variants = [("shipped", {}), *newest, ("shipped", {})] if a.focus else [
@@ -186,7 +152,7 @@ def main() -> None:
               f"(runs {', '.join(f'{r:,.0f}' for r in rates)})", flush=True)
         del engine
         gc.collect()
-    configure()
+    os.environ.pop("MISTRAL7B_PDL", None)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ model as gpu_ab.py under torch.profiler and prints, from the trace's GPU events:
   the graph's input kernels, the embedding lookup, the pick of the token), with idle gaps.
 The profiler slows the host, so idle gaps the GPU shows here may not exist without it; kernel times hold.
 So it then times, without the profiler, the batch-1 graph replayed back to back (no copies; the picks made in
-the graph as shipped, engine/cuda_graphs.ZERO_COPY; with --copies, the path before: the argmax kernel after
+the graph as shipped, DecodeTuning.zero_copy; with --copies, the path before: the argmax kernel after
 each replay, timed too), and the engine's own steps: the differences are what the step's ends cost in a real run.
 
 Usage (GPU): PYTHONPATH=src python bench/gpu_timeline.py [--steps 64] [--copies]   (about a minute on an H200)
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_ab import random_model  # noqa: E402
 
 from mistral7b.config import ModelArgs  # noqa: E402
-from mistral7b.engine import cuda_graphs  # noqa: E402
+from mistral7b.kernels.tuning import DecodeTuning  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -148,13 +148,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--copies", action="store_true", help="the step's ends before: inputs copied in, picks after")
     a = p.parse_args()
-    cuda_graphs.ZERO_COPY = not a.copies
     args = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                      norm_eps=1e-5, vocab_size=32000, rope_theta=10000.0, sliding_window=4096)
     model = random_model(args, "cuda", torch.bfloat16)
     ids = torch.randint(0, args.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).tolist()
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, max_model_len=1280, chunk_size=2048,
-                                                 max_num_batched_tokens=8192, attention="triton"))
+                                                 max_num_batched_tokens=8192, attention="triton",
+                                                 tuning=DecodeTuning(zero_copy=not a.copies)))
     report(gpu_events(engine, ids, a.steps), args.n_layers)
     step_ends(engine, ids, 4 * a.steps)
 

@@ -125,12 +125,12 @@ def test_decode_graphs_feed_their_picks_back(model, monkeypatch, zero_copy):
     early make the next step's tokens a subset of the picks."""
     import copy
 
-    from mistral7b.engine import cuda_graphs
+    from mistral7b.kernels.tuning import DecodeTuning
     from mistral7b.model.fuse import fuse_projections
 
-    monkeypatch.setattr(cuda_graphs, "ZERO_COPY", zero_copy)
     fused = fuse_projections(copy.deepcopy(model).to("cuda"))
-    e = engine(fused, attention="triton", max_num_seqs=4)
+    e = engine(fused, attention="triton", max_num_seqs=4, tuning=DecodeTuning(zero_copy=zero_copy))
+    assert e.runner.graphs.zero_copy == zero_copy
     made = []
     real_launch = e._launch_picks
     e._launch_picks = lambda *a: made.append(e.runner.picks is not None) or real_launch(*a)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mistral7b import kernels
+from mistral7b.kernels.tuning import DecodeTuning
 from mistral7b.model.fuse import fuse_projections
 from tests.conftest import engine_generate, random_model, tiny_args
 from tests.engine.test_llm_engine import assert_equal_to_core_path, greedy, make_prompts
@@ -50,14 +51,18 @@ def test_kernel_path_without_window_and_mha():
     assert_equal_to_core_path(model, prompts, params, out)
 
 
-@pytest.mark.parametrize("fold_norms,swiglu_epilogue,ffn_norm_in_wo",
-                         [(True, True, True), (True, True, False), (False, False, False), (True, False, True)])
-def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch, fold_norms,
-                                                                      swiglu_epilogue, ffn_norm_in_wo):
+@pytest.mark.parametrize("tuning", [
+    DecodeTuning(True, True, True), DecodeTuning(True, True, False), DecodeTuning(False, False, False),
+    DecodeTuning(True, False, True),
+    DecodeTuning(early_epilogue=False, max_splits=2, decode_warps=2, kv_before_wait=False, argmax_kernel=False),
+    DecodeTuning(False, False, False, rope_in_gemv=False)])
+def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, monkeypatch, tuning):
     """Every one-row projection through the GEMV kernel, wqkv's with RoPE and the cache store folded in (on a
     GPU that is bfloat16 only; here forced for float32 so the engine can be held to the core path), and with
     the norms and residual adds folded in or apart (the norm before w13 started in wo's GEMV and finished in
-    w13's, or a kernel between them), SwiGLU's product in w13's GEMV or in w2's."""
+    w13's, or a kernel between them), SwiGLU's product in w13's GEMV or in w2's; and every other value of the
+    engine's DecodeTuning (wo's epilogue late, fewer key splits, more warps, keys after PDL's wait, PyTorch's
+    argmax, RoPE in its own kernel)."""
     from torch import nn
 
     from mistral7b.kernels import gemv as gemv_module
@@ -87,12 +92,11 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     model = fuse_projections(copy.deepcopy(windowed).to(DEVICE))
     prompts = make_prompts([3 * W + 2], seed=12)
     params = [greedy(2 * W + 3)]
-    fusion = gemv_module.GemvFusion(fold_norms, swiglu_epilogue, ffn_norm_in_wo)
     out, engine = engine_generate(model, prompts, params, chunk_size=W + 1, block_size=4, attention="triton",
-                                  enable_prefix_caching=False, gemv_fusion=fusion)
-    assert model.gemv_fusion is fusion
+                                  enable_prefix_caching=False, tuning=tuning)
+    assert model.tuning is tuning
     if engine.runner.graphs is None:  # the engine's setting is what the steps ran
-        assert bool(prenorm_calls) == (fold_norms and ffn_norm_in_wo)
+        assert bool(prenorm_calls) == (tuning.fold_norms and tuning.ffn_norm_in_wo)
     # wqkv, wo, w13, w2 and the output at every decode step (on a GPU decode steps replay CUDA graphs, so the
     # dispatch runs only while they are captured)
     assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))

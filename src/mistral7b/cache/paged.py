@@ -35,15 +35,14 @@ from torch import nn
 from mistral7b.cache.upload import upload
 from mistral7b.config import ModelArgs
 from mistral7b import kernels
+from mistral7b.kernels.tuning import DecodeTuning
 from mistral7b.model.attention import window_mask
 from mistral7b.model.rope import inv_frequencies
 
 DECODE_ROWS = 16  # rows of the kernel's matrix product for decode tiles: queries x padded group heads
 PREFILL_ROWS = 64  # 16 queries x 4 heads for Mistral: the fastest of a sweep on an H200 (bench/README.md)
-# Key splits of a decode sequence at most: batch-1 decode on an H200 (8 KV heads, ~768 keys) 254.9 tok/s with
-# 16, 259.1 with 24 or 32 (one 32-key block a split), 258.5 with 64 splits of 16 keys (bench/README.md).
-# A split takes at least 32 keys (with a limit of 1,280 tokens: 32 splits, not 20 of 64 keys: 259.2 -> 263.2).
-MAX_SPLITS = 32
+# A split takes at least 32 keys (with a limit of 1,280 tokens: 32 splits, not 20 of 64 keys: 259.2 -> 263.2;
+# the most splits a sequence takes is DecodeTuning.max_splits).
 MIN_SPLIT_KEYS = 32
 
 
@@ -132,14 +131,16 @@ def decode_slots(spans: Seq[Span], block_size: int) -> list[int]:
 
 class PagedKVCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", attention: str = "auto"):
+                 device: torch.device | str = "cpu", attention: str = "auto", tuning: DecodeTuning | None = None):
         """`num_blocks` physical blocks including the null block 0. Memory is reserved, not touched: a block is
         zeroed when it is handed out, so resident memory follows what is used.
 
         `attention`: "torch" (gathers + matmuls/SDPA), "triton" (the paged kernel; on a CPU only under
         TRITON_INTERPRET=1, for tests), or "auto": the kernel on CUDA when Triton is installed. The kernel path
-        adds one scratch block after the pool, which padded rows of a CUDA graph write to.
+        adds one scratch block after the pool, which padded rows of a CUDA graph write to. `tuning`: how the
+        kernel path launches (key splits, warps, RoPE in wqkv's GEMV; kernels/tuning.py).
         """
+        self.tuning = tuning or DecodeTuning()
         self.window, self.block_size = args.sliding_window, block_size
         self.n_kv_heads, self.head_dim, self.n_heads = args.n_kv_heads, args.head_dim, args.n_heads
         self.dtype, self.device = dtype, torch.device(device)
@@ -211,7 +212,7 @@ class PagedKVCache:
         if max_keys <= 0:
             return 1
         want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
-        return max(1, min(MAX_SPLITS, want, -(-max_keys // MIN_SPLIT_KEYS)))
+        return max(1, min(self.tuning.max_splits, want, -(-max_keys // MIN_SPLIT_KEYS)))
 
     def plan(self, decodes: Seq[Span], prefills: Seq[Span]) -> PagedMetadata:
         """Metadata for a step whose flat tokens are the decode spans (n = 1) in order, then each pre-fill."""
@@ -303,7 +304,7 @@ class PagedKVCache:
         (kernels/gemv.gemv's) x is the residual stream, normalised there too."""
         assert meta.kernel is not None
         gemv = self._gemv
-        if gemv.takes_kernel(wqkv, x):
+        if self.tuning.rope_in_gemv and gemv.takes_kernel(wqkv, x):
             rotary = gemv.Rotary(meta.positions[0], meta.slot_mapping, self.inv_freq, self.k[layer], self.v[layer],
                                  self.n_heads)
             q = gemv.gemv(x, wqkv.weight, rotary=rotary, norm=norm).view(-1)[: self.n_heads * self.head_dim]
@@ -319,7 +320,8 @@ class PagedKVCache:
         for launch in km.launches:
             self._kernels.paged_attention(q, self.k[layer], self.v[layer], km.block_tables, km.seq_lens, km.query_start,
                                    launch.tile_seq, launch.tile_q, self.window, launch.block_q, launch.num_splits,
-                                   out=out, split_tokens=launch.tokens)
+                                   out=out, split_tokens=launch.tokens, decode_warps=self.tuning.decode_warps,
+                                   kv_before_wait=self.tuning.kv_before_wait)
         return out
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

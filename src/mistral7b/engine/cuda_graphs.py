@@ -17,7 +17,8 @@ the step is done. Host and graph fill the pinned buffers in two turns (the host 
 with async scheduling); the graph reads its turn from a device counter it flips as its last kernel.
 Before, one copy took the staged rows in before each replay, and the argmax and the picks' copy out ran after
 it: three more stream operations, whose gaps cost ~44 us of a 3.73 ms batch-1 step on an H200
-(bench/gpu_timeline.py, bench/README.md eighth session). `ZERO_COPY = False` keeps that path, to measure.
+(bench/gpu_timeline.py, bench/README.md eighth session). `zero_copy=False` (DecodeTuning) keeps that path,
+to measure.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from mistral7b.kernels.graph_inputs import spread_inputs
 from mistral7b.model.transformer import Transformer
 
 STAGED = 4  # columns of a staged row before its block table
-# Inputs read by the graph from pinned memory, picks made in the graph; False: copies and the argmax around it.
-ZERO_COPY = True
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -51,9 +50,12 @@ class GraphPicks:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, max_blocks: int, max_keys: int):
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, max_blocks: int, max_keys: int,
+                 zero_copy: bool = True):
         """`max_blocks`: block-table width (logical blocks of the longest sequence); `max_keys`: the most keys
-        a decode query attends to (min(window, max_model_len)), which sizes the key splits."""
+        a decode query attends to (min(window, max_model_len)), which sizes the key splits. `zero_copy`
+        (DecodeTuning.zero_copy): inputs read by the graph from pinned memory and picks made in the graph;
+        False: a copy in, and the argmax and a copy out around the replay."""
         assert cache.use_kernel and cache.device.type == "cuda"
         self.model, self.cache = model, cache
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
@@ -70,7 +72,7 @@ class DecodeGraphs:
         self.tile_q = torch.zeros(B, **i32)
         self.logits_index = torch.arange(B, dtype=torch.long, device=dev)
         self.max_keys = max_keys
-        self.zero_copy = ZERO_COPY
+        self.zero_copy = zero_copy
         self.pad_row = torch.zeros(STAGED + 1, dtype=torch.long)
         self.pad_row[2] = cache.scratch_block * cache.block_size
         self.pad_row[3] = 1

@@ -30,7 +30,7 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
-from mistral7b.kernels.gemv import GemvFusion
+from mistral7b.kernels.tuning import DecodeTuning
 from mistral7b.model import cpu_decode
 from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
@@ -54,9 +54,12 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
     async_scheduling: bool | None = None  # greedy decode steps launched one ahead of the host's bookkeeping;
     # None: on where decode steps replay CUDA graphs (measured there: bench/README.md), off elsewhere
-    gemv_fusion: GemvFusion = field(default_factory=GemvFusion)  # what one-token GPU steps fold into their GEMVs
+    tuning: DecodeTuning = field(default_factory=DecodeTuning)  # how GPU decode steps launch (kernels/tuning.py)
 
     def validate(self) -> None:
+        if not isinstance(self.tuning, DecodeTuning):
+            raise RequestError(f"tuning must be a DecodeTuning, got {type(self.tuning).__name__}")
+        self.tuning.validate()
         for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
@@ -122,12 +125,13 @@ def build_runner(model: Transformer, config: EngineConfig, num_blocks: int,
     built the same way by the engine and by each tensor-parallel worker."""
     device = model.norm.weight.device
     args = model.args
-    cache = PagedKVCache(args, num_blocks + 1, config.block_size, model.dtype, device, config.attention)
+    cache = PagedKVCache(args, num_blocks + 1, config.block_size, model.dtype, device, config.attention,
+                         config.tuning)
     graphs = None
     if config.cuda_graphs and cache.use_kernel and device.type == "cuda":
         keys = min(args.sliding_window or config.max_model_len, config.max_model_len)
         graphs = DecodeGraphs(model, cache, config.max_num_seqs, -(-config.max_model_len // config.block_size) + 1,
-                              keys)
+                              keys, zero_copy=config.tuning.zero_copy)
         graphs.capture()
     return ModelRunner(model, cache, graphs, channel)
 
@@ -138,7 +142,7 @@ class LLMEngine:
         """`channel`: set on rank 0 of a tensor-parallel group (distributed/launch.py)."""
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        model.gemv_fusion = config.gemv_fusion  # the one-token path's fusions, chosen once here
+        model.tuning = config.tuning  # the one-token path's fusions, chosen once here
         self.args = model.args
         device = model.norm.weight.device
         bs, window = config.block_size, self.args.sliding_window
@@ -158,7 +162,8 @@ class LLMEngine:
         self.vocab_size = getattr(model, "global_args", self.args).vocab_size
         self.limits = PromptLimits(self.vocab_size, config.max_model_len, config.chunk_size, bs, window, num_blocks)
         # slots for twice the running batch: preempted sequences keep theirs until one is needed
-        self.sampler = Sampler(2 * config.max_num_seqs, self.vocab_size, device)
+        self.sampler = Sampler(2 * config.max_num_seqs, self.vocab_size, device,
+                               argmax_kernel=config.tuning.argmax_kernel)
         self.requests: dict[Hashable, list[Sequence]] = {}
         self._pending: PendingStep | None = None  # async scheduling: a decode step not read back yet
         self._next_seq_id = 0

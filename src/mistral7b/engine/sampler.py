@@ -56,9 +56,11 @@ def uniform_from(generator: torch.Generator, device: torch.device) -> torch.Tens
 
 
 class Sampler:
-    def __init__(self, slots: int, vocab_size: int, device: torch.device | str, seed: int | None = None):
-        """`slots`: sequences that can hold a slot at once (the engine's running batch at most)."""
-        self.vocab, self.device = vocab_size, torch.device(device)
+    def __init__(self, slots: int, vocab_size: int, device: torch.device | str, seed: int | None = None,
+                 argmax_kernel: bool = True):
+        """`slots`: sequences that can hold a slot at once (the engine's running batch at most).
+        `argmax_kernel` (DecodeTuning.argmax_kernel): greedy picks by our kernels rather than torch.argmax."""
+        self.vocab, self.device, self.argmax_kernel = vocab_size, torch.device(device), argmax_kernel
         self.params = torch.zeros(slots, NUM_PARAMS, device=self.device)
         self.generated = torch.zeros(slots, dtype=torch.long, device=self.device)  # output tokens so far
         self.banned = torch.zeros(slots, MAX_BANNED, dtype=torch.long, device=self.device)
@@ -152,7 +154,7 @@ class Sampler:
         p = self.params[slots]  # [B, NUM_PARAMS]
         x = self._process(logits, p, slots)
         greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
-        picks = _greedy(x)  # the raw logits' exact argmax where nothing processed them
+        picks = _greedy(x, self.argmax_kernel)  # the raw logits' exact argmax where nothing processed them
         if self.uses["sampled"]:
             sampled = self._draw(x, p, seeded, candidates)
             picks = torch.where(greedy, picks, sampled)
@@ -251,10 +253,12 @@ class Sampler:
         return picks
 
 
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
+def _greedy(logits: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """logits [n, vocab].argmax(-1) (the first of equal maxima; a NaN wins): on a GPU through kernels/argmax (a
     third of PyTorch's time at batch 1), on a CPU through the extension's (ATen's is a scalar loop: 64 us a row
-    of 49,152)."""
+    of 49,152); with `kernel` False through PyTorch's."""
+    if not kernel:
+        return logits.argmax(-1)
     if logits.device.type == "cuda" and kernels.available():
         from mistral7b.kernels.argmax import greedy_picks
 

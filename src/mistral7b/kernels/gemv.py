@@ -58,21 +58,6 @@ CONFIGS = {
 DEFAULT = (8, 512, 4, 3)
 
 
-@dataclass(frozen=True)
-class GemvFusion:
-    """What one-token steps (model/transformer.py, Transformer._forward_one_token) fold into their GEMVs: an
-    engine setting (EngineConfig.gemv_fusion), given to the model once at load. All on by measurement; off keeps
-    the separate kernels, to measure the difference."""
-
-    fold_norms: bool = True  # the RMSNorm before wqkv and the output in those GEMVs, w2's residual add in w2's
-    swiglu_epilogue: bool = True  # SwiGLU's product in w13's GEMV (rather than in w2's)
-    # with fold_norms: wo's GEMV adds to the residual and starts the norm before w13 (`gemv_residual_prenorm`),
-    # w13's finishes it (`rms=`); False keeps kernels/norms.add_rms_norm between them
-    ffn_norm_in_wo: bool = True
-
-# wo's epilogue loads before its loop (see the kernel); False: after it, as the other epilogues do.
-EARLY_EPILOGUE = True
-
 if triton is not None:
     from mistral7b.kernels.norms import silu_product
     from mistral7b.kernels.pdl import after_previous
@@ -233,18 +218,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False, rotary: 
 
 
 def gemv_residual_prenorm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                          norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          norm_weight: torch.Tensor, early_epilogue: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gemv(x, weight, residual=residual)` that also starts the RMSNorm after the add: (residual, h * w_norm in
     the activation dtype, float32 partial sums of h^2, one a program), for a `gemv(..., rms=(squares, eps))`
-    to finish. So the norm between wo and w13 needs no kernel of its own."""
-    residual, scaled, squares = _launch(x, weight, False, None, None, residual, False, None, None, norm_weight)
+    to finish. So the norm between wo and w13 needs no kernel of its own. `early_epilogue`
+    (DecodeTuning.early_epilogue): the residual and norm weights are loaded before the loop over K."""
+    residual, scaled, squares = _launch(x, weight, False, None, None, residual, False, None, None, norm_weight,
+                                        early_epilogue)
     return residual, scaled, squares
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, rotary: Rotary | None,
             norm: tuple[torch.Tensor, float] | None, residual: torch.Tensor | None, swiglu: bool,
             out_dtype: torch.dtype | None, rms: tuple[torch.Tensor, float] | None,
-            prenorm: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+            prenorm: torch.Tensor | None, early_epilogue: bool = True) -> tuple[torch.Tensor, ...]:
     N, K = weight.shape
     assert weight.is_contiguous() and x.numel() == (2 * K if silu_mul else K)
     assert not (norm is not None and silu_mul) and sum((residual is not None, rotary is not None, swiglu)) <= 1
@@ -290,7 +278,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool, rotary: Rotar
                        ROTARY=rotary is not None, H=H, H_KV=H_kv, D=D, BLOCK_SIZE=bs, NORM=norm is not None,
                        RESIDUAL=residual is not None, SWIGLU=swiglu, PRENORM=prenorm is not None,
                        RMS_PARTS=parts, RMS_PAD=triton.next_power_of_2(max(parts, 1)),
-                       EARLY_EPILOGUE=EARLY_EPILOGUE, num_warps=warps,
+                       EARLY_EPILOGUE=early_epilogue, num_warps=warps,
                        num_stages=stages, **pdl.options(x.device, 1))
     if residual is not None:
         return (residual, scaled.view(residual.shape), squares) if prenorm is not None else (residual,)

@@ -17,7 +17,7 @@ here reads a value back to the host. With programmatic dependent launch (one-tok
 step's metadata is read before the wait for the kernel before (batch 1 on an H200: 8.4 -> 7.7 us a layer,
 259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise), and a
 split's first key block of earlier steps is loaded before it too: only this step's kernels write the new
-tokens' rows, which are loaded again after the wait (KV_BEFORE_WAIT; same-process A/B 265.8 -> 268.5 tok/s).
+tokens' rows, which are loaded again after the wait (DecodeTuning.kv_before_wait; same-process A/B 265.8 -> 268.5 tok/s).
 `reference_paged_attention` is the same computation in PyTorch, the oracle of the tests (which also run the
 kernel itself under TRITON_INTERPRET=1 on a CPU).
 """
@@ -220,20 +220,17 @@ if triton is not None:
         tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _warps(rows: int, num_splits: int) -> int:
+def _warps(rows: int, num_splits: int, decode_warps: int) -> int:
     """Warps of a tile of `rows` query rows. Decode tiles (16 rows: a GQA group of 4 padded) stream their keys
     fastest with one warp when each program takes a whole sequence (an H200, 256 sequences x 560 / 700 keys:
     145.0 / 174.5 us a layer, 4.1-4.2 TB/s, against 159.6 / 189.7 with 2 warps; bench/README.md); split
     launches (few sequences: batch 1) keep the 2 they were tuned with."""
     if rows <= 16:
-        return DECODE_WARPS if num_splits == 1 else SPLIT_WARPS
+        return decode_warps if num_splits == 1 else SPLIT_WARPS
     return 4 if rows <= 64 else 8
 
 
-DECODE_WARPS = 1
 SPLIT_WARPS = 2
-# Split launches load their first key block's keys and values of earlier steps before PDL's wait.
-KV_BEFORE_WAIT = True
 
 
 def paged_attention(
@@ -253,6 +250,8 @@ def paged_attention(
     num_warps: int | None = None,
     num_stages: int = 3,
     split_tokens: int | None = None,
+    decode_warps: int = 1,
+    kv_before_wait: bool = True,
 ) -> torch.Tensor:
     """Attention of the new tokens q [N, H, D] over the paged pool k/v [H_kv, num_blocks, block_size, D].
 
@@ -264,7 +263,7 @@ def paged_attention(
     that the tiles cover only the step's first split_tokens tokens (a mixed step's decodes, which come first:
     the partials and the merge skip its pre-fill tokens, whose own launch follows). (Merging them in the
     last split to finish, counted with an atomic add, saves that launch but made batch-1 decode slower on an
-    H200: 249.4 -> 245.2 tok/s.)
+    H200: 249.4 -> 245.2 tok/s.) `decode_warps`, `kv_before_wait`: DecodeTuning's (kernels/tuning.py).
     """
     N, H, D = q.shape
     H_kv, _, block_size, _ = k_cache.shape
@@ -291,8 +290,9 @@ def paged_attention(
         G=G, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, D=D, SPLITS=num_splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays exact (no TF32)
         V_EARLY=num_splits > 1,  # a split's one or two key blocks: no loop to pipeline their values
-        KV_EARLY=num_splits > 1 and KV_BEFORE_WAIT,
-        num_warps=num_warps or _warps(block_q * g_pad, num_splits), num_stages=num_stages, **pdl.options(q.device, N),
+        KV_EARLY=num_splits > 1 and kv_before_wait,
+        num_warps=num_warps or _warps(block_q * g_pad, num_splits, decode_warps), num_stages=num_stages,
+        **pdl.options(q.device, N),
     )
     if num_splits > 1:
         _merge_kernel[(rows, H)](part, stats, out, rows, H, out.stride(0), out.stride(1), SPLITS=num_splits,

@@ -129,7 +129,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq: torch.Tensor | None = None
         self.decode_stack: Any = None  # the extension's blocks for CPU decode steps (model/cpu_decode.prepare)
-        self.gemv_fusion: Any = None  # kernels.gemv.GemvFusion of one-token steps, set by the engine; None: all on
+        self.tuning: Any = None  # kernels.tuning.DecodeTuning of one-token GPU steps, set by the engine; None: defaults
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,10 +259,11 @@ class Transformer(nn.Module):
         w13's is h * w_norm rounded, with 1 / rms(h) applied to the float32 sums."""
         from mistral7b.kernels import gemv as kernels
         from mistral7b.kernels.norms import add_rms_norm
+        from mistral7b.kernels.tuning import DecodeTuning
 
-        fusion = self.gemv_fusion or kernels.GemvFusion()
-        gemv, fold, swiglu, eps = kernels.gemv, fusion.fold_norms, fusion.swiglu_epilogue, self.args.norm_eps
-        ffn_norm_in_wo = fold and fusion.ffn_norm_in_wo
+        tuning = self.tuning or DecodeTuning()
+        gemv, fold, swiglu, eps = kernels.gemv, tuning.fold_norms, tuning.swiglu_epilogue, self.args.norm_eps
+        ffn_norm_in_wo = fold and tuning.ffn_norm_in_wo
         residual, delta = h, None  # [1, 1, dim], as every tensor of the loop: attend_qkv takes [1, N, dim]
         for i, layer in enumerate(self.layers):
             attention, ff = layer.attention, layer.feed_forward
@@ -273,7 +274,8 @@ class Transformer(nn.Module):
                 out = cache.attend_qkv(i, attention.wqkv, x, meta)
             if ffn_norm_in_wo:  # h (the embeddings' fresh tensor at first) is added to in place
                 residual, x, squares = kernels.gemv_residual_prenorm(out.reshape(1, -1), attention.wo.weight,
-                                                                     residual, layer.ffn_norm.weight)
+                                                                     residual, layer.ffn_norm.weight,
+                                                                     tuning.early_epilogue)
                 act = gemv(x, ff.w13.weight, swiglu=swiglu, rms=(squares, eps))
             else:
                 residual, x = add_rms_norm(residual, gemv(out.reshape(1, -1), attention.wo.weight),
