@@ -11,7 +11,7 @@ from mistral7b.engine.sequence import Sequence
 
 def seq(tokens: list[int], seq_id: int = 0) -> Sequence:
     return Sequence(seq_id=seq_id, request_id=seq_id, index=0, token_ids=list(tokens), num_prompt=len(tokens),
-                    params=SamplingParams(), eos_ids=frozenset(), detok=None, generator=None, arrival=0.0)
+                    params=SamplingParams(), eos_ids=frozenset(), detok=None, seed=None, arrival=0.0)
 
 
 def compute(bm: BlockManager, s: Sequence, n: int) -> None:

@@ -197,14 +197,12 @@ class LLMEngine:
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
         seqs = []
         for index in range(params.n):
-            generator = None
-            if params.seed is not None:  # on the device: its draws are the sampler's uniforms for this sequence
-                generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2**63)
             seq = Sequence(
                 seq_id=self._next_seq_id, request_id=request_id, index=index, token_ids=list(prompt_ids),
                 num_prompt=len(prompt_ids), params=params, eos_ids=eos,
                 detok=IncrementalDetokenizer(self.tokenizer.decode, params.stop) if self.tokenizer else None,
-                generator=generator, arrival=arrival if arrival is not None else time.monotonic(),
+                seed=params.seed + index if params.seed is not None else None,
+                arrival=arrival if arrival is not None else time.monotonic(),
                 prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
                 prompt_ranks=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
             )
@@ -298,7 +296,7 @@ class LLMEngine:
                     if owner is not None and owner.status is not Status.RUNNING:
                         self._release(owner)  # type: ignore[arg-type]
             seq.slot = self.sampler.admit(seq, seq.params, seq.token_ids[: seq.num_prompt], seq.output_ids,
-                                          [*seq.eos_ids, *seq.params.stop_token_ids])
+                                          [*seq.eos_ids, *seq.params.stop_token_ids], seed=seq.seed)
         return seq.slot
 
     def _release(self, seq: Sequence) -> None:
@@ -309,8 +307,7 @@ class LLMEngine:
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         """The next token of each sequence from its row of logits [n, vocab], on the device, without a read."""
         slots = upload([self._slot(seq) for seq in seqs], logits.device, torch.long)
-        seeded = [(i, seq.generator) for i, seq in enumerate(seqs) if seq.generator is not None]
-        return self.sampler.sample(logits, slots, seeded, logprobs=any(seq.params.logprobs for seq in seqs),
+        return self.sampler.sample(logits, slots, logprobs=any(seq.params.logprobs for seq in seqs),
                                    top_logprobs=max(seq.params.top_logprobs for seq in seqs))
 
     # ---- async scheduling ----------------------------------------------------------------------------

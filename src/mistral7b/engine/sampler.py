@@ -14,8 +14,10 @@ uploads only its rows' slot indices. Per step, in order:
    1,024 most likely tokens (a sort only for rows whose nucleus is wider), on a GPU over the sorted vocabulary
    (as vLLM without FlashInfer) or by a bisected threshold, by measurement; rows with neither over the whole
    vocabulary. The draw is the inverse
-   of the kept probabilities' cumulative sum at u * total, with one uniform u a row: a seeded sequence's from
-   its own generator on the device (the same tokens alone or in any batch), the others' from the sampler's;
+   of the kept probabilities' cumulative sum at u * total, with one uniform u a row: a seeded sequence's is a
+   hash of its seed and the number of tokens it has drawn (`counter_uniforms`: the same tokens alone, in any
+   batch, and after a preemption), computed for all seeded rows at once; the others' from the sampler's
+   generator;
 4. the slots' counts updated with the drawn tokens, on the device.
 
 Log-probabilities reported to the user are those of the model's raw distribution (before penalties and
@@ -50,9 +52,27 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None
 
 
-def uniform_from(generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One uniform in [0, 1) from a sequence's own generator (on the device)."""
-    return torch.rand(1, generator=generator, device=device)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants, as the signed int64 PyTorch multiplies
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x >> n as an unsigned 64-bit shift (PyTorch's >> on int64 copies the sign bit)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) (float32, 24 random bits as torch.rand's) from int64 seeds and draw counters, one per
+    element: splitmix64's finalizer of seed * golden ratio + counter, a counter-based generator (as Philox is),
+    so a seeded sequence's k-th draw depends on nothing but its seed and k. One batched computation for every
+    seeded row of a step; a generator per sequence cost two launches a row (256 seeded rows: ~512 launches a
+    step on a GPU)."""
+    x = seeds * _GOLDEN + counters  # int64 arithmetic wraps modulo 2^64
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return _shift_right(x, 40).to(torch.float32) * 2.0**-24
 
 
 class Sampler:
@@ -63,6 +83,8 @@ class Sampler:
         self.vocab, self.device, self.argmax_kernel = vocab_size, torch.device(device), argmax_kernel
         self.params = torch.zeros(slots, NUM_PARAMS, device=self.device)
         self.generated = torch.zeros(slots, dtype=torch.long, device=self.device)  # output tokens so far
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=self.device)  # a seeded sequence's seed
+        self.seeded = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.banned = torch.zeros(slots, MAX_BANNED, dtype=torch.long, device=self.device)
         self.banned_on = torch.zeros(slots, MAX_BANNED, dtype=torch.bool, device=self.device)
         self.bias_ids: torch.Tensor | None = None  # [slots, MAX_LOGIT_BIAS], made when a request first has one
@@ -79,10 +101,14 @@ class Sampler:
 
     # ---- slots --------------------------------------------------------------------------------------------
     def admit(self, owner: object, params: SamplingParams, prompt: list[int], output: list[int],
-              banned: list[int]) -> int:
+              banned: list[int], seed: int | None = None) -> int:
         """A slot for a sequence about to be sampled: its parameters, the ids banned before min_tokens, and for
-        the penalties its prompt and output so far (a preempted sequence comes back with some)."""
+        the penalties its prompt and output so far (a preempted sequence comes back with some). `seed`: the
+        sequence's own (a request's n completions take seed, seed + 1, ...); default params.seed."""
         slot = self.free.pop()
+        self.seeded[slot] = params.seed is not None
+        if params.seed is not None:
+            self.seeds[slot] = (params.seed if seed is None else seed) % 2**63
         self.owner[slot] = owner
         row = [params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty,
                params.presence_penalty, params.frequency_penalty, params.min_tokens]
@@ -137,15 +163,16 @@ class Sampler:
         penalties = p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
         sampled = not p.greedy
         return [("bias", bool(p.logit_bias)), ("ban", p.min_tokens > 0), ("penalty", penalties),
+                ("seeded", sampled and p.seed is not None),
                 ("sampled", sampled), ("plain", sampled and not p.top_k and p.top_p >= 1.0),
                 ("top_p_only", sampled and not p.top_k and p.top_p < 1.0)]
 
     # ---- a step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, slots: torch.Tensor, seeded: list[tuple[int, torch.Generator]] = (),
-               logprobs: bool = False, top_logprobs: int = 0, candidates: str = "auto") -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, logprobs: bool = False, top_logprobs: int = 0,
+               candidates: str = "auto") -> SamplerOutput:
         """Next tokens for logits [B, vocab] (float32, on the device) of the sequences in `slots` [B] (on the
-        device). `seeded`: (row, generator) of the rows whose sequence has a seed. `candidates`: how top-k and
+        device). `candidates`: how top-k and
         top-p rows find their candidates: "topk" (top-k rows by one topk; top-p rows among the 1,024 most
         likely, sorting only rows whose nucleus is wider, which reads back), "threshold" (top-k rows by topk;
         top-p rows by the CPU extension's threshold over the whole vocabulary, no sort), "sort" (a full sort for
@@ -156,7 +183,7 @@ class Sampler:
         greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
         picks = _greedy(x, self.argmax_kernel)  # the raw logits' exact argmax where nothing processed them
         if self.uses["sampled"]:
-            sampled = self._draw(x, p, seeded, candidates)
+            sampled = self._draw(x, p, slots, candidates)
             picks = torch.where(greedy, picks, sampled)
         self.generated[slots] += 1
         if self.uses["penalty"]:
@@ -199,13 +226,15 @@ class Sampler:
         x = torch.where(repeated, torch.where(x > 0, x / penalty, x * penalty), x)
         return x - p[:, PRESENCE, None] * present.to(x.dtype) - p[:, FREQUENCY, None] * counts.to(x.dtype)
 
-    def _uniforms(self, rows: int, seeded: list[tuple[int, torch.Generator]]) -> torch.Tensor:
-        u = torch.rand(rows, generator=self.generator, device=self.device)
-        for row, generator in seeded:
-            u[row : row + 1] = uniform_from(generator, self.device)
+    def _uniforms(self, slots: torch.Tensor) -> torch.Tensor:
+        """One uniform a row: a seeded sequence's from its seed and its draws so far, the others' from the
+        sampler's generator."""
+        u = torch.rand(slots.shape[0], generator=self.generator, device=self.device)
+        if self.uses["seeded"]:
+            u = torch.where(self.seeded[slots], counter_uniforms(self.seeds[slots], self.generated[slots]), u)
         return u
 
-    def _draw(self, x: torch.Tensor, p: torch.Tensor, seeded, candidates: str) -> torch.Tensor:
+    def _draw(self, x: torch.Tensor, p: torch.Tensor, slots: torch.Tensor, candidates: str) -> torch.Tensor:
         """Draws for every row (the greedy rows' are dropped by the caller), each row by its kind: with top-k,
         among the batch's largest top-k candidates (top-p and min-p renormalised over its top-k, as Hugging
         Face's warpers apply them after top-k); with top-p and no top-k, over the whole sorted vocabulary; with
@@ -214,7 +243,7 @@ class Sampler:
         B, V = x.shape
         temperature = torch.where(p[:, TEMPERATURE] > 0, p[:, TEMPERATURE], 1.0)
         scaled = x / temperature[:, None]
-        u = self._uniforms(B, seeded)
+        u = self._uniforms(slots)
         top_k, top_p = p[:, TOP_K].long(), p[:, TOP_P]
         picks = None
         native = _native_draws(scaled)

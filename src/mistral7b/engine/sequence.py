@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
 from mistral7b.engine.sampling_params import SamplingParams
 
@@ -34,7 +32,7 @@ class Sequence:
     params: SamplingParams
     eos_ids: frozenset[int]
     detok: IncrementalDetokenizer | None
-    generator: torch.Generator | None
+    seed: int | None  # the sampler draws its uniforms from it (engine/sampler.py counter_uniforms)
     arrival: float
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose keys/values are in the cache
