@@ -17,6 +17,7 @@ import os
 import queue
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,7 +38,9 @@ TIMEOUT = timedelta(minutes=10)
 
 @dataclass
 class WorkerSpec:
-    """What a spawned worker needs to load its shard the way the driver loads its own."""
+    """What a spawned worker needs to load its shard the way the driver loads its own. `build_runner(model,
+    config, num_blocks)` builds the step runner the driver's engine sets up (engine/llm_engine.py's, handed
+    in by the engine: this layer does not import the engine)."""
 
     model_path: str
     sliding_window: Any
@@ -45,6 +48,7 @@ class WorkerSpec:
     device_type: str
     threads: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    build_runner: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -183,10 +187,8 @@ def end_torchrun_worker(group: Group) -> None:
     _exit_now(0)
 
 
-def serve_steps(model: torch.nn.Module, group: Group) -> None:
+def serve_steps(model: torch.nn.Module, group: Group, build_runner: Callable[..., Any]) -> None:
     """A worker's loop: build what the driver builds, run every step it plans, until told to stop."""
-    from mistral7b.engine.llm_engine import build_runner
-
     runner = None
     while True:
         message = group.channel.recv()
@@ -220,4 +222,5 @@ def run_worker(group: Group, spec: WorkerSpec) -> None:
     checkpoint = open_checkpoint(spec.model_path, sliding_window=spec.sliding_window)
     model = build_model(checkpoint, spec.dtype, group.device, progress=False, shard=group.shard)
     fuse_projections(model)
-    serve_steps(model, group)
+    assert spec.build_runner is not None, "the engine hands its runner builder to its workers"
+    serve_steps(model, group, spec.build_runner)

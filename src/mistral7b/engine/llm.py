@@ -18,7 +18,7 @@ import torch
 from mistral7b.default_model import default_model_path
 from mistral7b.distributed.launch import WorkerSpec, end_torchrun_worker, run_worker, start_group, stop_group
 from mistral7b.model.tensor_parallel import check_shardable
-from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+from mistral7b.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.generation_config import sampling_defaults
 from mistral7b.engine.processor import Processor, Prompt
@@ -126,7 +126,8 @@ class LLM:
         load_quantized = None if lora is not None else quantize
         shard = None
         if tensor_parallel_size != 1:
-            spec = WorkerSpec(self.model_path, sliding_window, self.dtype, self.device.type, threads)
+            spec = WorkerSpec(self.model_path, sliding_window, self.dtype, self.device.type, threads,
+                              build_runner=build_runner)
             self._group = start_group(tensor_parallel_size, spec)
             self.device, shard = self._group.device, self._group.shard
             if shard.rank != 0:  # a torchrun worker: serve the driver's steps, then end the process
