@@ -214,3 +214,21 @@ def test_the_two_processes_end_together(tiny_model, tmp_path):
         assert _gone(api, timeout=30)
     finally:
         s.stop()
+
+
+def test_a_port_in_use_is_one_clear_error(tiny_model, tmp_path):
+    """uvicorn cannot bind in the API process: the server exits non-zero with one line saying so and no
+    traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mistral7b", "serve", "--model", tiny_model, "--port", str(port),
+                               "--quiet", "--log-level", "warning"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"error: the server could not start on 127.0.0.1:{port}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
