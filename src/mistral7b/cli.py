@@ -11,44 +11,8 @@ import json
 import sys
 from typing import Any
 
+from mistral7b.commands.options import add_model_options, add_parallel_option, build_llm, window
 from mistral7b.errors import Mistral7BError, RequestError
-
-
-def _window(value: str) -> int | None | str:
-    if value == "keep":
-        return value
-    if value.lower() in ("none", "off", "0"):
-        return None
-    try:
-        w = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}") from None
-    if w < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}")
-    return w
-
-
-def _model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint folder (native or Hugging Face) or .gguf file; "
-                                   "default: the embedded SmolLM2-135M-Instruct")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--chunk-size", type=int, default=None, help="pre-fill chunk size in tokens")
-    g.add_argument("--sliding-window", type=_window, default="keep",
-                   help="override the checkpoint's attention window (an integer, or 'none')")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--lora", help="LoRA adapter folder (PEFT format) to merge into the model")
-    g.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight quantization: auto keeps a GGUF file's own (Q4 as int4, Q8 as int8) and loads "
-                        "other checkpoints in float; none = every weight in --dtype (exact reference)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
-
-
-def add_parallel_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="shard the model over N processes (GPUs with --device cuda); under torchrun N = its "
-                        "--nproc-per-node, else the N - 1 workers are started here")
 
 
 MODEL_DEFAULT = "default: the model's, as above"
@@ -82,17 +46,6 @@ def _sampling(a: argparse.Namespace, llm: Any = None, logprobs: bool = False):
     return llm.default_sampling_params(**fields) if llm is not None else SamplingParams(**fields)
 
 
-def _llm(a: argparse.Namespace, **extra: Any):
-    from mistral7b.engine.llm import LLM
-
-    if a.chunk_size is not None and a.chunk_size < 1:
-        raise RequestError(f"--chunk-size must be a positive integer, got {a.chunk_size}")
-    return LLM(a.model, dtype=a.dtype, device=a.device, chunk_size=a.chunk_size, sliding_window=a.sliding_window,
-               progress=not a.quiet, lora=getattr(a, "lora", None),
-               quantize=None if a.quantize == "none" else a.quantize, threads=a.threads,
-               tensor_parallel_size=getattr(a, "tensor_parallel_size", 1), **extra)
-
-
 def cmd_generate(a: argparse.Namespace) -> int:
     if (a.prompt is None) == (a.prompt_ids is None):
         raise RequestError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -103,7 +56,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         except ValueError:
             raise RequestError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
     _sampling(a, logprobs=a.json)  # bad options fail before the model loads
-    llm = _llm(a)
+    llm = build_llm(a)
     params = _sampling(a, llm, logprobs=a.json)
     if a.json:
         out = llm.generate(prompt, params)[0]
@@ -147,7 +100,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     _sampling(a)
     make_guard = chat_guard(a)  # --moderate and sampling options are checked before the model loads
-    llm = _llm(a)
+    llm = build_llm(a)
     params = _sampling(a, llm)
     guard = make_guard(llm) if make_guard else None
     start = [{"role": "system", "content": a.system}] if a.system else []
@@ -257,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, streaming)")
-    _model_options(p)
+    add_model_options(p)
     add_parallel_option(p)
     _sampling_options(p, temperature=None, max_tokens=512)
     p.add_argument("--system", help="system prompt")
@@ -269,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="continue a prompt")
-    _model_options(p)
+    add_model_options(p)
     add_parallel_option(p)
     _sampling_options(p, temperature=0.0, max_tokens=64)
     p.add_argument("--prompt", help="prompt text (BOS is added as the tokenizer says)")
@@ -289,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the resolved model config")
     p.add_argument("--model")
-    p.add_argument("--sliding-window", type=_window, default="keep")
+    p.add_argument("--sliding-window", type=window, default="keep")
     p.set_defaults(func=cmd_info)
 
     from mistral7b.commands import register_all

@@ -18,6 +18,11 @@ from mistral7b.errors import RequestError
 from tests.conftest import engine_generate, random_model, tiny_args
 
 
+def probe(model, config) -> LLMEngine:
+    """The throwaway engine the measurement builds (the engine hands in its own constructor)."""
+    return LLMEngine(model, None, config)
+
+
 def test_the_cache_gets_the_share_left_after_what_is_in_use_and_a_step():
     # an 80 GiB card, 15 GiB in use after loading, a step of 2 GiB: 0.9 * 80 - 15 - 2 - the graphs' reserve
     got = kv_bytes(80 * GIB, 65 * GIB, 2 * GIB, 0.9)
@@ -45,15 +50,16 @@ def test_on_a_gpu_the_measured_step_and_the_share_size_the_cache():
     in use is the error; the engine then runs a full step without running out of memory."""
     model = random_model(tiny_args(window=8), seed=1).cuda()
     config = EngineConfig(max_model_len=256, max_num_seqs=8, chunk_size=64)
-    peak = kv_memory.step_peak(model, config, torch.device("cuda"))
+    peak = kv_memory.step_peak(model, config, torch.device("cuda"), probe)
     assert 0 < peak < GIB
     free, total = torch.cuda.mem_get_info()
     share = (total - free + peak + GRAPH_RESERVE + (256 << 20)) / total
-    got = kv_memory.cuda_kv_memory(model, replace(config, gpu_memory_utilization=share), torch.device("cuda"))
+    got = kv_memory.cuda_kv_memory(model, replace(config, gpu_memory_utilization=share), torch.device("cuda"),
+                                     probe)
     assert abs(got - (256 << 20)) < (64 << 20)
     with pytest.raises(RequestError, match="no GPU memory is left"):
         too_small = replace(config, gpu_memory_utilization=0.5 * (total - free) / total)
-        kv_memory.cuda_kv_memory(model, too_small, torch.device("cuda"))
+        kv_memory.cuda_kv_memory(model, too_small, torch.device("cuda"), probe)
     engine = LLMEngine(model, None, replace(config, gpu_memory_utilization=share))
 
     for i in range(8):
@@ -81,7 +87,7 @@ def test_the_probe_step_runs_a_full_budget_and_leaves_the_model_as_it_was(monkey
     monkeypatch.setattr(LLMEngine, "step", counted)
     model = random_model(tiny_args(window=8), seed=1)
     config = EngineConfig(max_model_len=256, max_num_seqs=8, chunk_size=64, max_num_batched_tokens=128)
-    peak = kv_memory.step_peak(model, config, torch.device("cpu"))
+    peak = kv_memory.step_peak(model, config, torch.device("cpu"), probe)
     cache_bytes = (8 * (math.ceil(17 / 16) + 1) + 1) * PagedKVCache.block_bytes(model.args, 16, model.dtype)
     assert peak == max(0, (64 << 20) - cache_bytes)
     assert calls == ["reset", "empty"] and steps[0] == 8  # all 8 rows in the first step

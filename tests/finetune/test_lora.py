@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mistral7b.finetune import lora
-from mistral7b.finetune.lora import apply_lora, merge_adapter, save_adapter
+from mistral7b.finetune.lora import apply_lora, save_adapter
+from mistral7b.loading.lora_adapter import merge_adapter, read_adapter
 from tests.conftest import load_ours, rel_err, tiny_args
 
 peft = pytest.importorskip("peft")
@@ -94,5 +95,5 @@ def test_bad_adapter_is_one_line_error(hf_checkpoint, tmp_path):
     from mistral7b.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="unexpected tensor"):
-        lora.read_adapter(str(tmp_path / "adapter"), other)
+        read_adapter(str(tmp_path / "adapter"), other)
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")

@@ -29,7 +29,7 @@ def test_few_lora_steps_on_smollm2(tmp_path):
     history = json.load(open(tmp_path / "run" / "history.json"))
     assert summary["final_loss"] < history[0]["loss"]
     assert summary["tokens_per_s"] > 0
-    from mistral7b.finetune.lora import read_adapter
+    from mistral7b.loading.lora_adapter import read_adapter
     from mistral7b.loading import open_checkpoint
 
     deltas = read_adapter(str(tmp_path / "run"), open_checkpoint(path).args)  # PEFT names map back onto ours

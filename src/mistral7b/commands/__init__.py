@@ -1,6 +1,6 @@
 """Extra `mistral7b` sub-commands, one module each (serve, finetune, eval, moderate, ...).
 
-Each module defines `register(subparsers) -> None`, adding its parser with `set_defaults(func=...)`, where
+Each command's module defines `register(subparsers) -> None` (options.py holds the options they share), adding its parser with `set_defaults(func=...)`, where
 func(args) returns an exit status. Modules must import heavy dependencies inside func, so `--help` stays fast.
 """
 
@@ -13,4 +13,6 @@ import pkgutil
 
 def register_all(sub: argparse._SubParsersAction) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{info.name}").register(sub)
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)

@@ -13,14 +13,14 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mistral7b.cli import _model_options
+    from mistral7b.commands.options import add_model_options
 
     p = sub.add_parser("eval", help="evaluate: perplexity, the paper's benchmark suite, lm-eval")
     verbs = p.add_subparsers(dest="eval_command", required=True)
 
     q = verbs.add_parser("perplexity", help="perplexity of a UTF-8 text file, in rolling windows")
     q.add_argument("file")
-    _model_options(q)
+    add_model_options(q)
     q.add_argument("--max-length", type=int, default=None,
                    help="tokens each window reads (default: the model's context length)")
     q.add_argument("--stride", type=int, default=None,
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_perplexity)
 
     s = verbs.add_parser("suite", help="the paper's benchmarks through lm-eval, beside the paper's numbers")
-    _model_options(s)
+    add_model_options(s)
     s.add_argument("--tasks", default=None, help="comma-separated paper task names (default: all)")
     s.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction), for a quick look")
     s.add_argument("--batch-size", type=int, default=None, help="requests per batch")
@@ -52,7 +52,7 @@ class _PassThrough(argparse.ArgumentParser):
 
 
 def _llm(a: argparse.Namespace):
-    from mistral7b.cli import _llm as build
+    from mistral7b.commands.options import build_llm as build
     from mistral7b.errors import RequestError
 
     if a.batch_size is not None and a.batch_size < 1:

@@ -19,7 +19,7 @@ def _targets(value: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mistral7b.cli import _window
+    from mistral7b.commands.options import window
 
     p = sub.add_parser("finetune", help="fine-tune a model on JSONL chats or text (LoRA or full)")
     p.add_argument("--model", help="base checkpoint folder or .gguf file; default: the embedded SmolLM2")
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recompute each block in backward to save memory (default: when a micro-batch's "
                         "activations would take more than a quarter of the free memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: each rank takes its local GPU)")
-    p.add_argument("--sliding-window", type=_window, default="keep")
+    p.add_argument("--sliding-window", type=window, default="keep")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

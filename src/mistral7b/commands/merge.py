@@ -21,7 +21,7 @@ def run(a: argparse.Namespace) -> int:
 
     from mistral7b.default_model import default_model_path
     from mistral7b.finetune.export import save_model
-    from mistral7b.finetune.lora import merge_adapter
+    from mistral7b.loading.lora_adapter import merge_adapter
     from mistral7b.loading import open_checkpoint
     from mistral7b.model.build import build_model
 

@@ -19,10 +19,10 @@ from mistral7b.errors import RequestError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mistral7b.cli import _model_options
+    from mistral7b.commands.options import add_model_options
 
     p = sub.add_parser("moderate", help="classify texts as acceptable or as a harmful category (self-reflection)")
-    _model_options(p)
+    add_model_options(p)
     p.add_argument("text", nargs="?", help="the text to classify")
     p.add_argument("--answer", help="judge this answer to TEXT (the prompt) instead of TEXT itself")
     p.add_argument("--file", help="JSONL file of texts to classify")
@@ -58,7 +58,7 @@ def _read_file(path: str) -> list[Any]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from mistral7b.cli import _llm
+    from mistral7b.commands.options import build_llm
     from mistral7b.moderation import Moderator, Policy
     from mistral7b.moderation.classifier import check_item
     from mistral7b.moderation.reliability import announce
@@ -71,7 +71,7 @@ def run(a: argparse.Namespace) -> int:
     items = _read_file(a.file) if a.file else [a.text if a.answer is None else (a.text, a.answer)]
     for i, item in enumerate(items):
         check_item(i, item)  # empty texts fail before the model loads
-    llm = _llm(a)
+    llm = build_llm(a)
     announce(llm.model_path)
     moderator = Moderator(llm, a.taxonomy)
     for start in range(0, len(items), 16):

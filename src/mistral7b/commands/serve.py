@@ -17,11 +17,11 @@ from mistral7b.errors import RequestError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mistral7b.cli import _model_options, add_parallel_option
+    from mistral7b.commands.options import add_model_options, add_parallel_option
     from mistral7b.moderation.chat import add_chat_options
 
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API, with a chat page at /")
-    _model_options(p)
+    add_model_options(p)
     add_parallel_option(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -65,7 +65,7 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from mistral7b.cli import _llm
+    from mistral7b.commands.options import build_llm
     from mistral7b.engine.generation_config import NEUTRAL
     from mistral7b.moderation.chat import chat_guard
     from mistral7b.server.runner import ApiServerSpec, core_operations, serve
@@ -86,7 +86,7 @@ def run(a: argparse.Namespace) -> int:
                "gpu_memory_utilization": a.gpu_memory_utilization}
     if a.kv_cache_memory is not None:
         options["kv_cache_memory"] = int(a.kv_cache_memory * (1 << 30))
-    llm = _llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)
+    llm = build_llm(a, max_batch_size=a.max_num_seqs, max_model_len=a.max_model_len, engine_options=options)
     name = a.served_model_name or _model_name(llm.model_path)
     guard = make_guard(llm) if make_guard else None
     spec = ApiServerSpec(

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mistral7b.errors import RequestError
 
 if TYPE_CHECKING:
-    from mistral7b.engine.llm_engine import EngineConfig
+    from mistral7b.engine.config import EngineConfig
     from mistral7b.model.transformer import Transformer
 
 GIB = 1 << 30
@@ -43,11 +44,12 @@ def kv_bytes(total: int, free: int, step_peak: int, utilization: float) -> int:
     return left
 
 
-def step_peak(model: Transformer, config: EngineConfig, device: torch.device) -> int:
-    """Bytes a full step allocates beyond the KV cache: measured on a throwaway engine (see the module's
-    docstring), its own cache subtracted."""
+def step_peak(model: Transformer, config: EngineConfig, device: torch.device,
+              make_engine: Callable[[Transformer, EngineConfig], Any]) -> int:
+    """Bytes a full step allocates beyond the KV cache: measured on a throwaway engine that `make_engine(model,
+    config)` builds (the engine hands in its own constructor; see the module's docstring), its own cache
+    subtracted."""
     from mistral7b.cache.paged import PagedKVCache
-    from mistral7b.engine.llm_engine import LLMEngine
     from mistral7b.engine.sampling_params import SamplingParams
 
     rows = config.max_num_seqs
@@ -59,7 +61,7 @@ def step_peak(model: Transformer, config: EngineConfig, device: torch.device) ->
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    probe = LLMEngine(model, None, probe_config)
+    probe = make_engine(model, probe_config)
     vocab = probe.vocab_size
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.95, ignore_eos=True)
@@ -76,8 +78,9 @@ def step_peak(model: Transformer, config: EngineConfig, device: torch.device) ->
     return max(0, peak - cache_bytes)
 
 
-def cuda_kv_memory(model: Transformer, config: EngineConfig, device: torch.device) -> int:
+def cuda_kv_memory(model: Transformer, config: EngineConfig, device: torch.device,
+                   make_engine: Callable[[Transformer, EngineConfig], Any]) -> int:
     """The KV cache's bytes on a GPU for this model and configuration (the module's docstring)."""
-    peak = step_peak(model, config, device)
+    peak = step_peak(model, config, device, make_engine)
     free, total = torch.cuda.mem_get_info(device)
     return kv_bytes(total, free, peak, config.gpu_memory_utilization)

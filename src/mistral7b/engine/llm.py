@@ -137,7 +137,7 @@ class LLM:
         self.model = build_model(checkpoint, self.dtype, self.device, progress=progress, quantize=load_quantized,
                                  shard=shard)
         if lora is not None:  # a PEFT LoRA adapter folder, merged into the float weights, then quantized
-            from mistral7b.finetune.lora import merge_adapter
+            from mistral7b.loading.lora_adapter import merge_adapter
 
             merge_adapter(self.model, lora)
             if quantize in ("int8", "int4"):

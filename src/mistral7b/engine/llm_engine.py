@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +21,7 @@ from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs
 from mistral7b.engine.detokenizer import IncrementalDetokenizer
+from mistral7b.engine.config import EngineConfig
 from mistral7b.engine.kv_memory import cuda_kv_memory
 from mistral7b.engine.model_runner import ModelRunner, StepInput
 from mistral7b.engine.outputs import EngineStats, StreamEvent
@@ -30,51 +31,12 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
-from mistral7b.kernels.tuning import DecodeTuning
 from mistral7b.model import cpu_decode
 from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
 
 DEFAULT_CPU_KV_MEMORY = 1 << 30
 TENSOR_PARALLEL_KV_FRACTION = 0.5  # of the free GPU memory, where no step can be measured (engine/kv_memory.py)
-
-
-@dataclass
-class EngineConfig:
-    max_model_len: int
-    chunk_size: int = 512  # the most tokens of one sequence computed in one step (pre-fill chunk)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # per-step token budget; default max(chunk_size, max_num_seqs)
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for keys and values; default 1 GiB on CPU, on a GPU as below
-    gpu_memory_utilization: float = 0.9  # share of the card's whole memory for this engine (engine/kv_memory.py)
-    num_blocks: int | None = None  # overrides kv_cache_memory
-    enable_prefix_caching: bool = True
-    attention: str = "auto"  # "torch", "triton" (the paged kernel), or auto: the kernel on CUDA
-    cuda_graphs: bool = True  # decode-only steps replayed from CUDA graphs (kernel path on CUDA only)
-    async_scheduling: bool | None = None  # greedy decode steps launched one ahead of the host's bookkeeping;
-    # None: on where decode steps replay CUDA graphs (measured there: bench/README.md), off elsewhere
-    tuning: DecodeTuning = field(default_factory=DecodeTuning)  # how GPU decode steps launch (kernels/tuning.py)
-
-    def validate(self) -> None:
-        if not isinstance(self.tuning, DecodeTuning):
-            raise RequestError(f"tuning must be a DecodeTuning, got {type(self.tuning).__name__}")
-        self.tuning.validate()
-        for name in ("enable_prefix_caching", "cuda_graphs", "async_scheduling"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
-                raise RequestError(f"{name} must be true or false, got {value!r}")
-        for name in ("max_model_len", "chunk_size", "max_num_seqs", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RequestError(f"{name} must be a positive integer, got {value!r}")
-        value = self.gpu_memory_utilization
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {value!r}")
-        for name in ("max_num_batched_tokens", "kv_cache_memory", "num_blocks"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RequestError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -177,7 +139,7 @@ class LLMEngine:
             return DEFAULT_CPU_KV_MEMORY
         if channel is not None:  # a step would need the other ranks, which are not set up yet
             return int(torch.cuda.mem_get_info(device)[0] * TENSOR_PARALLEL_KV_FRACTION)
-        return cuda_kv_memory(self.model, self.config, device)
+        return cuda_kv_memory(self.model, self.config, device, lambda m, c: type(self)(m, None, c))
 
     # ---- requests ------------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
