@@ -101,13 +101,10 @@ def test_bad_requests(llm):
         llm.chat([{"role": "wizard", "content": "hi"}])
 
 
-def test_max_tokens_is_capped_by_the_context(llm):
-    saved = llm.max_model_len
-    llm.max_model_len = 14
-    try:
-        out = llm.generate([[1] * 10], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
-    finally:
-        llm.max_model_len = saved
+def test_max_tokens_is_capped_by_the_context():
+    short = LLM(progress=False, quantize=None, max_model_len=14)
+    assert short.max_model_len == short.engine.config.max_model_len == short.processor.max_model_len == 14
+    out = short.generate([[1] * 10], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].finish_reason == "length"
 
 

@@ -147,15 +147,20 @@ class LLM:
         if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
             raise RequestError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk_size = chunk_size or (min(window, DEFAULT_CHUNK_SIZE) if window else DEFAULT_CHUNK_SIZE)
-        self.max_model_len = max_model_len or self.args.max_seq_len or 32768
+        max_model_len = max_model_len or self.args.max_seq_len or 32768
         self.max_batch_size = max_batch_size
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(
-            max_model_len=self.max_model_len, chunk_size=self.chunk_size, max_num_seqs=max_batch_size,
+            max_model_len=max_model_len, chunk_size=self.chunk_size, max_num_seqs=max_batch_size,
             **(engine_options or {})), channel=self._group.channel if self._group else None)
         self.processor = Processor(self.tokenizer, self.engine.limits, self.model_path)
         self._pending: dict[Any, collections.deque[StreamEvent]] = {}
         self._request_ids = itertools.count()
         allocator_for_compute()  # loaded: step buffers from the heap from now on (runtime.py)
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length: the engine's, as its processor checks it (one source of truth)."""
+        return self.processor.max_model_len
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
