@@ -22,6 +22,13 @@ from mistral7b.tokenizer import Tokenizer
 Prompt = Union[str, Sequence[int], dict]
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """RequestError naming the first element of `ids` that is not a token id of this vocabulary."""
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise RequestError(f"token id {t!r} is not in [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class PromptLimits:
     """What bounds a request on this engine: the vocabulary, the context, and the KV cache's blocks."""
@@ -38,9 +45,7 @@ class PromptLimits:
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.vocab_size
-        for t in prompt_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise RequestError(f"token id {t!r} is not in [0, {vocab})")
+        check_token_ids(prompt_ids, vocab)
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:  # vLLM refuses these too; a bias outside the vocabulary has no logit to add to
@@ -88,9 +93,7 @@ class Processor:
             ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
         else:
             ids = list(prompt)
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                    raise RequestError(f"token id {t!r} is not in [0, {self.vocab_size})")
+            check_token_ids(ids, self.vocab_size)
         if not ids:
             raise RequestError("the prompt is empty")
         return ids

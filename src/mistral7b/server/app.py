@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from mistral7b.engine.processor import check_token_ids
 from mistral7b.errors import RequestError
 from mistral7b.server.chat import create_chat_completion
 from mistral7b.server.completions import create_completion
@@ -168,10 +169,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None,
         tokenizer = state.processor.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer")
-        vocab = state.processor.vocab_size
-        bad = next((t for t in body.tokens if t >= vocab), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is not in [0, {vocab})")
+        check_token_ids(body.tokens, state.processor.vocab_size)
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
 
     @app.post("/v1/moderations")
