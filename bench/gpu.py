@@ -30,8 +30,8 @@ Ceilings, measured first: copy bandwidth BW = 2 x bytes / time of a device-to-de
      roofline tok/s = 256 * 256 / (pre-fill time + sum of decode step times)
 3. Long context: one 16384-token prompt (chunks of 4096, max_tokens=1) with the checkpoint's W = 4096 and again
    reloaded with sliding_window=None. Whole pre-fill = wall time of the request. Attention = the sum of CUDA
-   event pairs around every call of the paged-attention kernel (`_kernel_attend`), all layers; beside it in the
-   JSON the cache's entry points `attend` / `attend_qkv` (which add the rotary and k/v store), measured on a
+   event pairs around every call of the paged-attention kernel (`attend_stored`), all layers; beside it in the
+   JSON the backend's entry points `attend` / `attend_heads` (which add the rotary and k/v store), measured on a
    second prompt of the same length so that the whole pre-fill above is timed unwrapped.
    KV per sequence: peak blocks held (sampled after every BlockManager.allocate) x PagedKVCache.block_bytes,
    beside the bound max_blocks_per_seq(...) x block_bytes, at 16K and 32K (at 32K also the blocks held in the
@@ -226,18 +226,18 @@ def mark(device: torch.device) -> Any:
 
 
 class AttentionTimer:
-    """Times every call of the cache's attention entry points, `attend` and (the GPU kernel path, from the fused
-    projection: rotary + k/v store + attention) `attend_qkv`, each shadowed by an instance attribute; and
-    separately the paged-attention kernel alone (`_kernel_attend`, called by both on the kernel path)."""
+    """Times every call of the attention backend's entry points, `attend` and (from the fused projection:
+    rotary + k/v store + attention) `attend_heads`, each shadowed by an instance attribute; and separately the
+    attention over the stored pool alone (`attend_stored`, called by both)."""
 
-    def __init__(self, cache: PagedKVCache):
+    def __init__(self, cache: Any):
         self.cache, self.spans, self.kernel_spans = cache, [], []
-        self.names = [n for n in ("attend", "attend_qkv") if hasattr(cache, n)]
+        self.names = [n for n in ("attend", "attend_heads") if hasattr(cache, n)]
         for name in self.names:
             setattr(cache, name, self._wrap(getattr(cache, name), self.spans))
-        if hasattr(cache, "_kernel_attend"):
-            self.names.append("_kernel_attend")
-            cache._kernel_attend = self._wrap(cache._kernel_attend, self.kernel_spans)
+        if hasattr(cache, "attend_stored"):
+            self.names.append("attend_stored")
+            cache.attend_stored = self._wrap(cache.attend_stored, self.kernel_spans)
 
     def _wrap(self, inner: Callable[..., torch.Tensor], spans: list) -> Callable[..., torch.Tensor]:
         @torch.compiler.disable
@@ -316,7 +316,7 @@ def long_context(folder: str, a: argparse.Namespace, args: ModelArgs, windowed: 
            "kv_bound_MiB_16k": max_blocks_per_seq(a.long_len, a.long_chunk, bs, W) * block_bytes / 2**20,
            "kv_bound_MiB_32k": max_blocks_per_seq(a.decode_len + a.decode_tokens, a.long_chunk, bs, W) * block_bytes
            / 2**20}
-    timer = AttentionTimer(eng.cache)
+    timer = AttentionTimer(eng.attention)
     _, t0, t1 = drive(eng, random_prompts(1, a.long_len, vocab, 12), greedy(1))
     out.update(attention_s=timer.seconds(kernel_only=True), attention_with_store_s=timer.seconds(),
                prefill_timed_pass_s=t1 - t0, attention_calls=len(timer.spans),

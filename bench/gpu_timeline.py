@@ -37,7 +37,7 @@ from mistral7b.kernels.tuning import DecodeTuning  # noqa: E402
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from mistral7b.engine.sampling_params import SamplingParams  # noqa: E402
 
-LAYER_KERNELS = 6  # wqkv, attention, merge, wo, w13, w2 (model/transformer.Transformer._forward_one_token)
+LAYER_KERNELS = 6  # wqkv, attention, merge, wo, w13, w2 (model/one_token.py)
 
 
 def gpu_events(engine: LLMEngine, ids: list[int], steps: int) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mistral7b import cpu
-from mistral7b.cache.paged import PagedKVCache
+from mistral7b import attention as backends
 from mistral7b.cpu import build
 from mistral7b.config import ModelArgs
 
@@ -22,23 +22,24 @@ def fresh_load(monkeypatch):
     monkeypatch.setattr(cpu, "_loaded", None)
 
 
-def tiny_cache(dtype=torch.bfloat16, attention="auto"):
+def native_ops(dtype=torch.bfloat16, attention="auto"):
     args = ModelArgs(dim=256, n_layers=1, head_dim=64, hidden_dim=32, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                      vocab_size=8)
-    return PagedKVCache(args, 8, 16, dtype, attention=attention)
+    backend = backends.build(args, 8, 16, dtype, "cpu", attention)
+    return backend.ops if backend.name == "cpu_native" else None
 
 
 def test_no_library_falls_back_with_one_notice(fresh_load, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(build, "BUILD_DIR", tmp_path)  # nothing built there
-    assert tiny_cache().native is None
-    assert tiny_cache().native is None
+    assert native_ops() is None
+    assert native_ops() is None
     err = capsys.readouterr().err
     assert err.count("no CPU extension built for") == 1 and err.count("\n") == 1
 
 
 def test_switched_off_by_the_environment(fresh_load, monkeypatch, capsys):
     monkeypatch.setenv("MISTRAL7B_CPU_EXTENSION", "0")
-    assert tiny_cache().native is None
+    assert native_ops() is None
     assert capsys.readouterr().err == ""
 
 
@@ -48,9 +49,9 @@ def test_used_for_float32_and_for_exact_bf16(fresh_load):
     ops = cpu.load(notice=False)
     if ops is None:
         pytest.skip("CPU extension not built")
-    assert tiny_cache(torch.float32).native is ops
-    assert (tiny_cache().native is not None) == ops.EXACT_BF16_ATTENTION
-    assert tiny_cache(attention="torch").native is None
+    assert native_ops(torch.float32) is ops
+    assert (native_ops() is not None) == ops.EXACT_BF16_ATTENTION
+    assert native_ops(attention="torch") is None
 
 
 def test_every_capability_this_cpu_runs_is_built():

@@ -1,5 +1,6 @@
-"""The CPU extension's decode attention and fused ops (mistral7b/cpu) against the PyTorch path (cache/paged.py:
-gathered blocks, bmm, softmax, bmm; model/transformer.py's norms, rotary and SwiGLU).
+"""The CPU extension's decode attention and fused ops (mistral7b/cpu) against the PyTorch path
+(attention/torch_paged.py: gathered blocks, bmm, softmax, bmm; model/forward_plans.py TorchOps: norms, rotary and
+SwiGLU).
 
 bfloat16 attention (AVX-512 builds) rounds where oneDNN's avx512_core_bf16 matmuls round: the same bits as the
 PyTorch path wherever oneDNN runs those kernels. On CPUs with AMX oneDNN takes its AMX kernels for some shapes,
@@ -18,10 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistral7b import cpu
-from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b import attention, cpu
+from mistral7b.attention.torch_paged import TorchAttention
+from mistral7b.cache.paged import Span
 from mistral7b.config import ModelArgs
-from mistral7b.model.transformer import Transformer
+from mistral7b.model import forward_ops, forward_plans
 
 pytestmark = pytest.mark.skipif(cpu.load(notice=False) is None, reason="CPU extension not built")
 EXACT_BF16 = cpu.load(notice=False) is not None and cpu.load(notice=False).EXACT_BF16_ATTENTION
@@ -54,18 +56,18 @@ DTYPES = [pytest.param(torch.bfloat16, marks=needs_exact_bf16, id="bf16"), pytes
 def make_cache(n_heads, n_kv_heads, window, block_size, num_blocks=160, head_dim=64, seed=0, dtype=torch.bfloat16):
     args = ModelArgs(dim=n_heads * head_dim, n_layers=1, head_dim=head_dim, hidden_dim=32, n_heads=n_heads,
                      n_kv_heads=n_kv_heads, norm_eps=1e-5, vocab_size=8, sliding_window=window)
-    cache = PagedKVCache(args, num_blocks, block_size, dtype)
+    backend = attention.build(args, num_blocks, block_size, dtype, "cpu")
     g = torch.Generator().manual_seed(seed)
-    for pool in (cache.k[0], cache.v[0]):  # every slot written: unwritten ones must be masked, not read as 0
+    for pool in (backend.cache.k[0], backend.cache.v[0]):  # every slot written: unwritten ones must be masked
         pool.copy_((2 * torch.randn(pool.shape, generator=g)).to(dtype))
-    cache.zero_blocks([0])
-    return cache
+    backend.cache.zero_blocks([0])
+    return backend
 
 
 def decode_spans(cache, lengths, seed=0, keep_released=False):
     """One decode span per context length (keys after the step), its blocks scattered over the pool."""
     rng = random.Random(seed)
-    free = list(range(1, cache.num_blocks))
+    free = list(range(1, cache.cache.num_blocks))
     rng.shuffle(free)
     spans, bs = [], cache.block_size
     for n in lengths:
@@ -78,19 +80,15 @@ def decode_spans(cache, lengths, seed=0, keep_released=False):
 
 def both_paths(cache, spans, seed=1, q_scale=2.0):
     g = torch.Generator().manual_seed(seed)
-    S, H, H_kv, D, dtype = len(spans), cache.n_heads, cache.n_kv_heads, cache.head_dim, cache.dtype
+    S, H, H_kv, D, dtype = len(spans), cache.n_heads, cache.n_kv_heads, cache.head_dim, cache.cache.dtype
     q = (q_scale * torch.randn(1, S, H, D, generator=g)).to(dtype)
     k = (2 * torch.randn(1, S, H_kv, D, generator=g)).to(dtype)
     v = torch.randn(1, S, H_kv, D, generator=g).to(dtype)
-    native_meta = cache.plan(spans, [])
+    native_meta = cache.build(spans, [])
     assert native_meta.groups[0].native is not None
     out = cache.attend(0, q, k, v, native_meta)
-    extension, cache.native = cache.native, None
-    try:
-        ref = cache.attend(0, q, k, v, cache.plan(spans, []))
-    finally:
-        cache.native = extension
-    return out, ref
+    reference = TorchAttention(cache.cache, cache.args)  # the same pool, read through gathers and matmuls
+    return out, reference.attend(0, q, k, v, reference.build(spans, []))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,8 +133,8 @@ def test_matches_float64_attention(dtype, atol):
     for row, span in enumerate(spans):
         pos = torch.arange(max(0, span.start - 23), span.start + 1)
         slots = torch.tensor(span.block_table)[pos // 16] * 16 + pos % 16
-        k = cache.k[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
-        v = cache.v[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
+        k = cache.cache.k[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
+        v = cache.cache.v[0].view(3, -1, 64)[:, slots].double().repeat_interleave(3, 0)
         p = torch.softmax((k @ q[0, row].double()[:, :, None])[..., 0] / 8, -1)
         ref = (p[:, None] @ v)[:, 0]
         torch.testing.assert_close(out[0, row].double(), ref, atol=atol, rtol=0)
@@ -151,15 +149,15 @@ def test_rejects_what_it_cannot_read(dtype):
     table = torch.tensor([[1, 2]], dtype=torch.int32)  # 40 keys need 3 blocks
     firsts = torch.zeros(1, dtype=torch.int32)
     if dtype == torch.bfloat16 and not EXACT_BF16:
-        assert cache.native is None
+        assert cache.name != "cpu_native"
         with pytest.raises(RuntimeError, match="bfloat16 on an AVX-512 build"):
-            ops.decode_attention(q, cache.k[0], cache.v[0], table, firsts, lens - 20, 0, 0.125)
+            ops.decode_attention(q, cache.cache.k[0], cache.cache.v[0], table, firsts, lens - 20, 0, 0.125)
         return
     with pytest.raises(RuntimeError, match="bad lengths"):
-        ops.decode_attention(q, cache.k[0], cache.v[0], table, firsts, lens, 0, 0.125)
+        ops.decode_attention(q, cache.cache.k[0], cache.cache.v[0], table, firsts, lens, 0, 0.125)
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(RuntimeError, match="of q's dtype|bfloat16 on an AVX-512 build"):
-        ops.decode_attention(q.to(other), cache.k[0], cache.v[0], table, firsts, lens - 20, 0, 0.125)
+        ops.decode_attention(q.to(other), cache.cache.k[0], cache.cache.v[0], table, firsts, lens - 20, 0, 0.125)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -174,7 +172,7 @@ def test_bit_for_bit_with_head_dim_128(heads, dtype):
 @pytest.mark.parametrize("head_dim, heads", [(16, (4, 2)), (32, (6, 2)), (48, (6, 2)), (64, (18, 2))])
 def test_float32_takes_any_head_dim_of_whole_vectors(head_dim, heads, dtype):
     cache = make_cache(*heads, window=20, block_size=16, head_dim=head_dim, dtype=dtype)
-    assert cache.native is not None
+    assert cache.name == "cpu_native"
     out, ref = both_paths(cache, decode_spans(cache, [3, 30, 90]))
     assert_same_as_pytorch(out, ref)
 
@@ -184,9 +182,9 @@ def test_float32_takes_any_head_dim_of_whole_vectors(head_dim, heads, dtype):
 def test_other_shapes_stay_on_the_pytorch_path(head_dim, heads):
     # oneDNN sums head_dim 32 with one query head a kv head in another order; only checked shapes use the op
     cache = make_cache(*heads, window=None, block_size=16, head_dim=head_dim)
-    assert cache.native is None
+    assert cache.name != "cpu_native"
     with pytest.raises(RuntimeError, match="head_dim a multiple of"):
-        cpu.load().decode_attention(torch.zeros(1, heads[0], head_dim, dtype=torch.bfloat16), cache.k[0], cache.v[0],
+        cpu.load().decode_attention(torch.zeros(1, heads[0], head_dim, dtype=torch.bfloat16), cache.cache.k[0], cache.cache.v[0],
                                     torch.ones(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                                     torch.ones(1, dtype=torch.int32), 0, 1.0)
 
@@ -206,11 +204,12 @@ def test_engine_greedy_tokens_with_and_without_the_extension(monkeypatch, dtype)
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (40, 25, 12)]
     outs = {}
     for attention in ("auto", "torch"):
-        if attention == "torch":  # the norms' loop off too: the plain PyTorch model
-            monkeypatch.setattr(Transformer, "_cpu_extension", lambda self, h: None)
+        if attention == "torch":  # the extension's norms off too: the plain PyTorch model
+            monkeypatch.setattr(forward_plans, "choose", lambda *a, **k: None)
         outs[attention], engine = engine_generate(model, prompts, params, attention=attention, block_size=8,
                                                   enable_prefix_caching=False)
-        assert (engine.runner.cache.native is not None) == (attention == "auto")
+        assert (engine.attention.name == "cpu_native") == (attention == "auto")
+        assert (model.plans is None) == (attention == "torch")
     if dtype == torch.bfloat16 and onednn_bf16_is_avx512():
         assert outs["auto"] == outs["torch"]
         return
@@ -290,17 +289,18 @@ def test_model_forward_with_and_without_the_extension(fused, monkeypatch, dtype)
     tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(40).expand(2, 40)
     calls = []
-    fused = Transformer._forward_cpu
-    monkeypatch.setattr(Transformer, "_forward_cpu", lambda *a: calls.append(1) or fused(*a))
+    norm = forward_ops.CpuExtensionOps.add_rms_norm
+    monkeypatch.setattr(forward_ops.CpuExtensionOps, "add_rms_norm", lambda *a: calls.append(1) or norm(*a))
+    model.plans = forward_plans.choose(model)
+    assert isinstance(model.plans.plain, forward_ops.CpuExtensionOps)
     with torch.inference_mode():
         with_ext = model(tokens, positions)
-        assert calls
-        monkeypatch.setattr(Transformer, "_cpu_extension", lambda self, h: None)
+        assert len(calls) == 2 * args.n_layers + 1
+        model.plans = None
         without = model(tokens, positions)
     assert torch.equal(with_ext, without)
-    monkeypatch.undo()
     calls.clear()
-    monkeypatch.setattr(Transformer, "_forward_cpu", lambda *a: calls.append(1) or fused(*a))
+    model.plans = forward_plans.choose(model)
     model(tokens, positions).sum().backward()
     assert not calls
 

@@ -37,7 +37,7 @@ def test_kernel_path_equals_core_path(windowed, chunk, block_size, fused):
     out, engine = engine_generate(model, prompts, params, chunk_size=chunk, block_size=block_size,
                                   max_num_batched_tokens=chunk + 3, enable_prefix_caching=False,
                                   attention="triton")
-    assert engine.cache.use_kernel
+    assert engine.attention.name == "triton"
     assert_equal_to_core_path(windowed, prompts, params, out)
     assert engine.blocks.usage == 0.0
 
@@ -66,22 +66,21 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     from torch import nn
 
     from mistral7b.kernels import gemv as gemv_module
-    from mistral7b.model.transformer import Transformer
+    from mistral7b.model.one_token import OneTokenOps
 
-    taken, one_token = [], []
+    one_token = []
 
     def takes_kernel(module, x):
-        taken.append(type(module) is nn.Linear and x.numel() == x.shape[-1])
-        return taken[-1]
+        return type(module) is nn.Linear and x.numel() == x.shape[-1]
 
-    forward_one_token = Transformer._forward_one_token
+    block = OneTokenOps.block
 
-    def spy(self, h, *args):
-        one_token.append(h.shape)
-        return forward_one_token(self, h, *args)
+    def spy(self, layer, residual, *args):
+        one_token.append(residual.shape)
+        return block(self, layer, residual, *args)
 
     monkeypatch.setattr(gemv_module, "takes_kernel", takes_kernel)
-    monkeypatch.setattr(Transformer, "_forward_one_token", spy)
+    monkeypatch.setattr(OneTokenOps, "block", spy)
     prenorm, prenorm_calls = gemv_module.gemv_residual_prenorm, []
 
     def counted_prenorm(*args, **kwargs):
@@ -94,13 +93,13 @@ def test_one_token_steps_through_the_gemv_with_rotary_equal_core_path(windowed, 
     params = [greedy(2 * W + 3)]
     out, engine = engine_generate(model, prompts, params, chunk_size=W + 1, block_size=4, attention="triton",
                                   enable_prefix_caching=False, tuning=tuning)
-    assert model.tuning is tuning
-    if engine.runner.graphs is None:  # the engine's setting is what the steps ran
+    assert model.plans.one_token.tuning is tuning  # the engine's setting is what the steps ran
+    if engine.runner.graphs is None:
         assert bool(prenorm_calls) == (tuning.fold_norms and tuning.ffn_norm_in_wo)
-    # wqkv, wo, w13, w2 and the output at every decode step (on a GPU decode steps replay CUDA graphs, so the
-    # dispatch runs only while they are captured)
-    assert sum(taken) >= (5 if engine.runner.graphs is not None else 5 * (2 * W + 2))
-    assert len(one_token) >= (1 if engine.runner.graphs is not None else 2 * W + 2)
+    # every block of every decode step (on a GPU decode steps replay CUDA graphs, so the blocks run in Python
+    # only while they are captured)
+    layers = len(model.layers)
+    assert len(one_token) >= (layers if engine.runner.graphs is not None else layers * (2 * W + 2))
     assert all(shape[:2] == (1, 1) for shape in one_token)
     assert_equal_to_core_path(windowed, prompts, params, out)
 

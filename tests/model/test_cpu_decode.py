@@ -1,5 +1,5 @@
 """The CPU decode path chosen at load (model/cpu_decode.py): the extension's DecodeStack runs a decode step's
-blocks in one call with the ops and bits of Transformer._forward_cpu's loop, for float, int8 and int4 models,
+blocks in one call with the ops and bits of the model's loop under CpuExtensionOps, for float, int8 and int4 models,
 batches past the quantized layers' dense threshold included."""
 
 from __future__ import annotations

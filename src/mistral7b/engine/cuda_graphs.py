@@ -5,7 +5,7 @@ from Python costs more than the weights take to stream. A graph launches them al
 shapes and addresses, so every input lives in a static buffer sized for the largest bucket: tokens,
 positions, slots, block tables, key counts. A step of n sequences replays the smallest bucket b >= n; rows
 n .. b - 1 are padding that reads and writes only the cache's scratch block. The number of key splits of the
-attention kernel is fixed per bucket (`PagedKVCache.decode_splits`), for the longest context a sequence
+attention kernel is fixed per bucket (`TritonAttention.decode_splits`), for the longest context a sequence
 can have: splits past a sequence's keys end at once.
 
 A step's inputs reach the graph with no copy of their own: the host writes each row's token, position, slot,
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mistral7b.cache.paged import (KernelLaunch, KernelMetadata, PagedKVCache, PagedMetadata, Span, block_tables,
-                                   decode_slots)
+from mistral7b.attention.triton_paged import KernelLaunch, KernelMetadata, TritonAttention
+from mistral7b.cache.paged import Span, block_tables, decode_slots
 from mistral7b.kernels.argmax import argmax_rows
 from mistral7b.kernels.graph_inputs import spread_inputs
 from mistral7b.model.transformer import Transformer
@@ -50,14 +50,15 @@ class GraphPicks:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, max_blocks: int, max_keys: int,
+    def __init__(self, model: Transformer, attention: TritonAttention, max_batch: int, max_blocks: int, max_keys: int,
                  zero_copy: bool = True):
         """`max_blocks`: block-table width (logical blocks of the longest sequence); `max_keys`: the most keys
         a decode query attends to (min(window, max_model_len)), which sizes the key splits. `zero_copy`
         (DecodeTuning.zero_copy): inputs read by the graph from pinned memory and picks made in the graph;
         False: a copy in, and the argmax and a copy out around the replay."""
-        assert cache.use_kernel and cache.device.type == "cuda"
-        self.model, self.cache = model, cache
+        assert attention.device.type == "cuda"
+        self.model, self.attention = model, attention
+        cache = attention.cache
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         dev = cache.device
         B = self.buckets[-1]
@@ -92,16 +93,16 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def _meta(self, b: int) -> PagedMetadata:
-        launch = KernelLaunch(self.tile_seq[:b], self.tile_q[:b], self.cache.decode_block_q,
-                              self.cache.decode_splits(b, self.max_keys))
-        kernel = KernelMetadata(self.block_tables[:b], self.seq_lens[:b], self.query_start[: b + 1], [launch])
-        return PagedMetadata(self.positions[:, :b], self.slots[:b], [], kernel)
+    def _meta(self, b: int) -> KernelMetadata:
+        launch = KernelLaunch(self.tile_seq[:b], self.tile_q[:b], self.attention.decode_block_q,
+                              self.attention.decode_splits(b, self.max_keys))
+        return KernelMetadata(self.positions[:, :b], self.slots[:b], self.block_tables[:b], self.seq_lens[:b],
+                              self.query_start[: b + 1], [launch])
 
     def _forward(self, b: int) -> torch.Tensor:
         spread_inputs(self.inputs[:, :b], self.turn_of_graph, self.picks, self.tokens[0, :b], self.positions[0, :b],
                       self.slots[:b], self.seq_lens[:b], self.block_tables[:b], STAGED)
-        logits = self.model(self.tokens[:, :b], self.positions[:, :b], self.cache,
+        logits = self.model(self.tokens[:, :b], self.positions[:, :b], self.attention,
                             logits_index=self.logits_index[:b], meta=self._meta(b))
         if self.zero_copy:
             argmax_rows(logits, self.picks[:b], self.host_picks, self.turn_of_graph)
@@ -113,12 +114,12 @@ class DecodeGraphs:
         """Capture every bucket, largest first (the smaller ones reuse its memory pool). Python's garbage
         collector is held off meanwhile: freeing an older engine's pinned buffers or graphs mid-capture calls
         CUDA on other streams, which invalidates the capture (seen on an H200 as a failed cuBLAS call)."""
-        stream = torch.cuda.Stream(self.cache.device)
-        stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        stream = torch.cuda.Stream(self.attention.device)
+        stream.wait_stream(torch.cuda.current_stream(self.attention.device))
         with torch.cuda.stream(stream):  # warm-up: compiles the Triton kernels, sets up cuBLAS
             for b in self.buckets:
                 self._forward(b)
-        torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+        torch.cuda.current_stream(self.attention.device).wait_stream(stream)
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
@@ -132,7 +133,7 @@ class DecodeGraphs:
         finally:
             if collecting:
                 gc.enable()
-        torch.cuda.synchronize(self.cache.device)
+        torch.cuda.synchronize(self.attention.device)
         self.turn_of_graph.zero_()  # the warm-up flipped it
         self.turn = 0
 
@@ -158,7 +159,7 @@ class DecodeGraphs:
         else:
             rows[:n, 0] = tokens
         rows[:n, 1] = starts
-        rows[:n, 2] = decode_slots(spans, self.cache.block_size)
+        rows[:n, 2] = decode_slots(spans, self.attention.block_size)
         rows[:n, 3] = starts + 1
         table = block_tables(spans).numpy()
         rows[:n, STAGED : STAGED + table.shape[1]] = table

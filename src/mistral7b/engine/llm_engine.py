@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral7b import cpu
+from mistral7b import attention, cpu
 from mistral7b.cache.block_manager import BlockManager, max_blocks_per_seq
 from mistral7b.cache.paged import PagedKVCache
 from mistral7b.cache.upload import upload
@@ -31,7 +31,7 @@ from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
 from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
-from mistral7b.model import cpu_decode
+from mistral7b.model import cpu_decode, forward_plans
 from mistral7b.model.transformer import Transformer
 from mistral7b.tokenizer import Tokenizer
 
@@ -83,19 +83,21 @@ class PendingStep:
 
 def build_runner(model: Transformer, config: EngineConfig, num_blocks: int,
                  channel: StepChannel | None = None) -> ModelRunner:
-    """The paged cache (num_blocks usable blocks + the null block), decode graphs where they apply, the runner:
-    built the same way by the engine and by each tensor-parallel worker."""
+    """The paged cache (num_blocks usable blocks + the null block) and its attention backend, the model's fast
+    paths for that backend, decode graphs where they apply, the runner: built the same way by the engine and by
+    each tensor-parallel worker."""
     device = model.norm.weight.device
     args = model.args
-    cache = PagedKVCache(args, num_blocks + 1, config.block_size, model.dtype, device, config.attention,
-                         config.tuning)
+    backend = attention.build(args, num_blocks + 1, config.block_size, model.dtype, device, config.attention,
+                              config.tuning)
+    model.plans = forward_plans.choose(model, backend.name, config.tuning)  # chosen once, here
     graphs = None
-    if config.cuda_graphs and cache.use_kernel and device.type == "cuda":
+    if config.cuda_graphs and backend.name == "triton" and device.type == "cuda":
         keys = min(args.sliding_window or config.max_model_len, config.max_model_len)
-        graphs = DecodeGraphs(model, cache, config.max_num_seqs, -(-config.max_model_len // config.block_size) + 1,
+        graphs = DecodeGraphs(model, backend, config.max_num_seqs, -(-config.max_model_len // config.block_size) + 1,
                               keys, zero_copy=config.tuning.zero_copy)
         graphs.capture()
-    return ModelRunner(model, cache, graphs, channel)
+    return ModelRunner(model, backend, graphs, channel)
 
 
 class LLMEngine:
@@ -104,7 +106,6 @@ class LLMEngine:
         """`channel`: set on rank 0 of a tensor-parallel group (distributed/launch.py)."""
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        model.tuning = config.tuning  # the one-token path's fusions, chosen once here
         self.args = model.args
         device = model.norm.weight.device
         bs, window = config.block_size, self.args.sliding_window
@@ -115,9 +116,9 @@ class LLMEngine:
         if channel is not None:  # tensor parallelism: the workers build the same cache and graphs now
             channel.send(("setup", config, num_blocks))
         self.runner = build_runner(model, config, num_blocks, channel)
-        cpu_decode.prepare(model)  # the decode path, chosen once for the model as loaded
         self._pool_decode = self.runner.device.type == "cpu" and cpu_decode.quantized(model)
-        self.cache = self.runner.cache
+        self.attention = self.runner.attention
+        self.cache = self.attention.cache
         self.blocks = BlockManager(num_blocks, bs, window, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or max(config.chunk_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(config.max_num_seqs, budget, config.chunk_size))

@@ -1,7 +1,7 @@
 """The model runner: one scheduled step in, the logits rows the engine asked for out.
 
-It lays the step's tokens out flat ([1, N]: decodes first, then each pre-fill chunk), has the paged cache plan
-the attention metadata, zeroes newly handed-out blocks, runs the model once, and returns float32 logits on
+It lays the step's tokens out flat ([1, N]: decodes first, then each pre-fill chunk), has the attention backend
+build its metadata, zeroes newly handed-out blocks where the backend needs it, runs the model once, and returns float32 logits on
 the model's device for the requested tokens only (the output matmul is skipped for the rest). A step of
 decodes alone on a GPU replays a CUDA graph instead (engine/cuda_graphs.py).
 """
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral7b.cache.paged import PagedKVCache, Span
+from mistral7b.attention import PagedAttention
+from mistral7b.cache.paged import Span
 from mistral7b.cache.upload import upload
 from mistral7b.distributed.channel import StepChannel
 from mistral7b.engine.cuda_graphs import DecodeGraphs, GraphPicks
@@ -40,11 +41,12 @@ class StepPlan:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, graphs: DecodeGraphs | None = None,
+    def __init__(self, model: Transformer, attention: PagedAttention, graphs: DecodeGraphs | None = None,
                  channel: StepChannel | None = None):
         """`channel`: tensor parallelism's driver side; each step's plan goes to the workers before it runs."""
-        self.model, self.cache, self.graphs, self.channel = model, cache, graphs, channel
-        self.device = cache.device
+        self.model, self.attention, self.graphs, self.channel = model, attention, graphs, channel
+        self.cache = attention.cache
+        self.device = attention.device
         self.graph_steps = 0  # steps replayed from a CUDA graph
         self.picks: GraphPicks | None = None  # the greedy picks of the last step's rows, when its graph made them
 
@@ -71,12 +73,12 @@ class ModelRunner:
         on_device = isinstance(plan.tokens, torch.Tensor)
         self.picks = None
         if self.graphs is not None and not prefills and self.graphs.fits(len(spans)):
-            self.cache.zero_blocks(plan.new_blocks)
+            self.attention.zero_blocks(plan.new_blocks)
             logits = self.graphs.run(spans, plan.tokens if on_device else [t[0] for t in plan.tokens])
             self.picks = self.graphs.last_picks
             self.graph_steps += 1
             return logits, list(range(len(spans)))
-        meta = self.cache.plan([spans[i] for i in decodes], [spans[i] for i in prefills])
+        meta = self.attention.build([spans[i] for i in decodes], [spans[i] for i in prefills])
         tokens: list[int] = []
         index: list[int] = []
         offsets = {}
@@ -87,10 +89,10 @@ class ModelRunner:
             count += spans[i].n
             if not on_device:
                 tokens.extend(plan.tokens[i])
-        self.cache.zero_blocks(plan.new_blocks)
+        self.attention.zero_blocks(plan.new_blocks)
         ids = (plan.tokens.view(1, -1) if on_device  # type: ignore[union-attr]
                else upload([tokens], self.device, torch.long))
         # With no logits wanted (pre-fill chunks mid-prompt), one row is still computed: the cheapest output.
-        logits = self.model(ids, meta.positions, self.cache,
+        logits = self.model(ids, meta.positions, self.attention,
                             logits_index=upload(index or [0], self.device, torch.long), meta=meta)
         return logits, [offsets[i] for i in range(len(spans))]

@@ -27,6 +27,7 @@ from mistral7b.model.tensor_parallel import Shard, local_args, parallelize, slic
 from mistral7b.errors import CheckpointError
 from mistral7b.loading import Checkpoint
 from mistral7b.loading.gguf_blocks import PACKABLE, GGUFBlocks
+from mistral7b.model import forward_plans
 from mistral7b.model.quantize import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_linear
 from mistral7b.model.transformer import Transformer
 
@@ -113,6 +114,7 @@ def build_model(
         raise CheckpointError(f"{checkpoint.path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     if shard is not None:
         parallelize(model, full_args, shard)
+    model.plans = forward_plans.choose(model)  # the fast paths for the model as loaded (an engine chooses again)
     return model.eval()
 
 

@@ -1,8 +1,8 @@
-"""The CPU decode path chosen once, when an engine is built on a model: the extension's DecodeStack
-(mistral7b/cpu/blocks.cpp) runs a decode-only step's blocks in one call, with the same ops and bits as
-Transformer._forward_cpu's loop, where the model's projections are ones it knows (float, int4 in our layout,
-int8 in blocks of 32) and the paged cache attends natively. Built from the modules the model has then: a model
-changed afterwards (modules swapped) needs `prepare` again.
+"""The CPU decode plan, chosen once when an engine is built on a model (model/forward_plans.py): the
+extension's DecodeStack (mistral7b/cpu/blocks.cpp) runs a decode-only step's blocks in one call, with the same
+ops and bits as the model's loop under CpuExtensionOps, where the model's projections are ones it knows (float,
+int4 in our layout, int8 in blocks of 32) and the paged cache attends natively (attention/cpu_native.py). Built
+from the modules the model has then: a model changed afterwards (modules swapped) needs choosing again.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mistral7b.model.forward_ops import CpuExtensionOps
 from mistral7b.model.quantize import INT4_DENSE_MIN_ROWS, INT8_DENSE_MIN_ROWS, Int4Linear, Int8Linear
 
 
@@ -52,10 +53,27 @@ def build_stack(model: Any, ops: ModuleType) -> Any:
                            [INT4_DENSE_MIN_ROWS, INT8_DENSE_MIN_ROWS])
 
 
-def prepare(model: Any) -> None:
-    """Choose the model's CPU decode path: sets model.decode_stack (None: the Python loop)."""
-    from mistral7b import cpu
+class DecodeStackOps(CpuExtensionOps):
+    """A decode-only step's blocks in one call of the extension; the logits as CpuExtensionOps makes them."""
 
-    ops = cpu.load(notice=False)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    model.decode_stack = build_stack(model, ops) if ops is not None and on_cpu and model.layers else None
+    whole_stack = True
+
+    def __init__(self, ext: ModuleType, stack: Any):
+        super().__init__(ext)
+        self.decode_stack = stack
+
+    @classmethod
+    def for_model(cls, model: Any, ext: ModuleType) -> DecodeStackOps | None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        stack = build_stack(model, ext) if on_cpu and model.layers else None
+        return None if stack is None else cls(ext, stack)
+
+    def blocks(self, h: torch.Tensor, freqs: torch.Tensor, meta: Any, cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, delta) [1, N, dim] after every block, for the native backend's decode rows."""
+        rows = cache.decode_only(meta)
+        pool = cache.cache
+        residual, delta = self.decode_stack.forward(h[0].contiguous(), pool.k, pool.v,
+                                                    torch.view_as_real(freqs).reshape(h.shape[1], -1, 2),
+                                                    meta.slot_mapping, rows.block_tables, rows.first_blocks,
+                                                    rows.seq_lens, cache.window or 0)
+        return residual[None], delta[None]

@@ -1,5 +1,5 @@
-"""The paged cache's CPU decode attention (cache/paged.py `_one_query_attention`); the whole cache is tested
-through the engine against the core path (tests/engine/test_llm_engine.py)."""
+"""The PyTorch backend's one-query attention (attention/torch_paged.py `one_query_attention`); the whole paged
+path is tested through the engine against the core path (tests/engine/test_llm_engine.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistral7b.cache.paged import _one_query_attention
+from mistral7b.attention.torch_paged import one_query_attention
 
 
 def matmul_attention(q, k, v, bias):
@@ -35,13 +35,13 @@ def inputs(S, H, H_kv, K, D, dtype, seed=0):
 def test_bit_for_bit_the_matmul_formulation(dtype, S):
     # Greedy decoding of a bfloat16 model flips tokens on a one-ulp change: the bmm form must not change a bit.
     q, k, v, bias, _ = inputs(S, H=9, H_kv=3, K=640, D=64, dtype=dtype)
-    assert torch.equal(_one_query_attention(q, k, v, bias), matmul_attention(q, k, v, bias))
+    assert torch.equal(one_query_attention(q, k, v, bias), matmul_attention(q, k, v, bias))
 
 
 @pytest.mark.parametrize("S", [1, 4])
 def test_equals_sdpa_over_each_rows_valid_keys(S):
     q, k, v, bias, valid = inputs(S, H=8, H_kv=2, K=48, D=16, dtype=torch.float32, seed=1)
-    out = _one_query_attention(q, k, v, bias)
+    out = one_query_attention(q, k, v, bias)
     for row in range(S):
         n = int(valid[row].sum())
         ref = F.scaled_dot_product_attention(q[row, :, None].double(), k[:, row, :n].double(),
