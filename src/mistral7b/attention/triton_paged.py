@@ -67,12 +67,16 @@ class TritonAttention(PagedAttention):
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self.target_programs = 2 * sms
 
-    def decode_splits(self, rows: int, max_keys: int) -> int:
-        """Key splits per decode sequence so that rows x KV heads x splits programs about fill the GPU."""
+    def decode_splits(self, rows: int, max_keys: int, power_of_two: bool = False) -> int:
+        """Key splits per decode sequence so that rows x KV heads x splits programs about fill the GPU.
+        `power_of_two`: rounded down to one, for steps that are not CUDA graphs: the split count is a constant
+        of the compiled kernel, and a step's keys and decode rows vary, so otherwise each new count met while
+        serving is a compile of its own (about a second, with every stream waiting)."""
         if max_keys <= 0:
             return 1
         want = -(-self.target_programs // max(1, rows * self.n_kv_heads))
-        return max(1, min(self.tuning.max_splits, want, -(-max_keys // MIN_SPLIT_KEYS)))
+        splits = max(1, min(self.tuning.max_splits, want, -(-max_keys // MIN_SPLIT_KEYS)))
+        return 1 << (splits.bit_length() - 1) if power_of_two else splits
 
     def build(self, decodes: Seq[Span], prefills: Seq[Span]) -> KernelMetadata:
         positions, slots = self.slots(decodes, prefills)
@@ -87,7 +91,8 @@ class TritonAttention(PagedAttention):
             keys = max(min(s.start + 1, window) for s in decodes)
             launches.append(KernelLaunch(torch.arange(len(decodes), dtype=i32, device=dev),
                                          torch.zeros(len(decodes), dtype=i32, device=dev),
-                                         self.decode_block_q, self.decode_splits(len(decodes), keys), len(decodes)))
+                                         self.decode_block_q, self.decode_splits(len(decodes), keys, True),
+                                         len(decodes)))
         if prefills:
             seqs, firsts = paged_attention.query_tiles([0] * len(decodes) + [s.n for s in prefills],
                                                        self.prefill_block_q)

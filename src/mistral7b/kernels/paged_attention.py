@@ -97,7 +97,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    # Integers that change from step to step are not specialised on (Triton compiles a variant for a value of 1
+    # and for multiples of 16): each variant is a compile of about a second, met first in the middle of serving.
+    @triton.jit(do_not_specialize=["n_tokens", "stride_bt"])
     def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stat_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_ptr, tile_seq_ptr, tile_q_ptr,
@@ -202,7 +204,7 @@ if triton is not None:
             tl.store(stat_ptr + SPLITS * n_tokens * n_heads + flat, l_i, mask=row_ok)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tokens"])
     def _merge_kernel(part_ptr, stat_ptr, out_ptr, n_tokens, n_heads, stride_ot, stride_oh,
                       SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
         t = tl.program_id(0)
