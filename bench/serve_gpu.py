@@ -10,7 +10,9 @@ cpu): the embedded model. In order, each in its own section of the table:
 2. server: `mistral7b serve` started as a process on a loopback port, driven by bench/serve.py (aiohttp,
    streaming /v1/completions with token-id prompts, stream_options.include_usage) at --concurrency clients:
    greedy; temperature 1.0 + top_p 0.95; a mix (seeded, presence and frequency penalties, logprobs: every
-   request the same body, as bench/serve.py sends one); and batch 1 at temperature 0.7 / top_p 0.9. Output
+   request the same body, as bench/serve.py sends one); the sampled level again with a JSON schema
+   (structured_outputs, a schema no answer completes within the output length); and batch 1 at temperature
+   0.7 / top_p 0.9, without and with the schema. Output
    tok/s, TTFT and inter-token latency (median, p99). --profile records the server with py-spy during the
    greedy level (flame data in --out's folder).
 3. grid (--grid, engine level, greedy): input/output lengths 128/128, 128/2048, 2048/128, 2048/2048, 1000/1000 with
@@ -51,6 +53,14 @@ SAMPLED = {"temperature": 1.0, "top_p": 0.95}
 MIX = {"temperature": 0.8, "top_p": 0.9, "seed": 1234, "presence_penalty": 0.5, "frequency_penalty": 0.3,
        "logprobs": 1}
 BATCH1 = {"temperature": 0.7, "top_p": 0.9}
+# A JSON schema no answer can complete within --output-len tokens (200 objects), so constrained requests run
+# as long as the others and the rates compare: the grammar's cost alone (engine/structured_output.py).
+BENCH_SCHEMA = {"type": "array", "minItems": 200, "items": {
+    "type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12},
+                                     "kind": {"enum": ["alpha", "beta", "gamma"]}},
+    "required": ["id", "name", "kind"], "additionalProperties": False}}
+JSON_SAMPLED = {**SAMPLED, "structured_outputs": {"json": BENCH_SCHEMA}}
+JSON_BATCH1 = {**BATCH1, "structured_outputs": {"json": BENCH_SCHEMA}}
 TINY = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                  vocab_size=32000, max_seq_len=4096)
 GRID = [(128, 128), (128, 2048), (2048, 128), (2048, 2048), (1000, 1000)]
@@ -154,7 +164,9 @@ def server_levels(a: argparse.Namespace, model: str, out_dir: str) -> dict:
         levels = [("greedy", {"temperature": 0}, a.concurrency, a.requests),
                   ("T=1.0 top_p=0.95", SAMPLED, a.concurrency, a.requests),
                   ("mix: seed, penalties, logprobs", MIX, a.concurrency, a.requests),
-                  ("batch 1, T=0.7 top_p=0.9", BATCH1, 1, 4)]
+                  ("json schema, T=1.0 top_p=0.95", JSON_SAMPLED, a.concurrency, a.requests),
+                  ("batch 1, T=0.7 top_p=0.9", BATCH1, 1, 4),
+                  ("batch 1, json schema, T=0.7 top_p=0.9", JSON_BATCH1, 1, 4)]
         for label, body, concurrency, prompts in levels:
             spy = None
             if a.profile and label == "greedy":

@@ -58,7 +58,7 @@ BAD_BODIES = [
     ("/v1/chat/completions", json.dumps({**CHAT, "presence_penalty": 9}), "presence_penalty"),
     ("/v1/chat/completions", json.dumps({**CHAT, "stop": ["a"] * 17}), "stop"),
     ("/v1/chat/completions", json.dumps({**CHAT, "tools": [{"type": "function"}]}), None),
-    ("/v1/chat/completions", json.dumps({**CHAT, "response_format": {"type": "json_object"}}), None),
+    ("/v1/chat/completions", json.dumps({**CHAT, "response_format": {"type": "xml"}}), "response_format"),
     ("/v1/chat/completions", '{"model": "tiny-mistral", "messages": [{"role": "user", "content": "x"}], '
                              '"temperature": NaN}', "temperature"),
     ("/v1/chat/completions", '{"model": "tiny-mistral", "messages": [{"role": "user", "content": "x"}], '

@@ -29,6 +29,7 @@ from mistral7b.engine.processor import PromptLimits
 from mistral7b.engine.sampler import Sampler, SamplerOutput
 from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.engine.scheduler import Scheduler, SchedulerConfig
+from mistral7b.engine.structured_output import Grammars
 from mistral7b.engine.sequence import Sequence, Status
 from mistral7b.errors import RequestError
 from mistral7b.model import cpu_decode, forward_plans
@@ -127,6 +128,7 @@ class LLMEngine:
         # slots for twice the running batch: preempted sequences keep theirs until one is needed
         self.sampler = Sampler(2 * config.max_num_seqs, self.vocab_size, device,
                                argmax_kernel=config.tuning.argmax_kernel)
+        self.grammars = Grammars(tokenizer, self.vocab_size)
         self.requests: dict[Hashable, list[Sequence]] = {}
         self._pending: PendingStep | None = None  # async scheduling: a decode step not read back yet
         self._next_seq_id = 0
@@ -158,6 +160,7 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already running")
         self.check_prompt(prompt_ids, params)
         eos = frozenset() if params.ignore_eos or self.tokenizer is None else self.tokenizer.eos_ids
+        matchers = [self.grammars.matcher(params.structured) for _ in range(params.n)] if params.structured else None
         seqs = []
         for index in range(params.n):
             seq = Sequence(
@@ -168,6 +171,7 @@ class LLMEngine:
                 arrival=arrival if arrival is not None else time.monotonic(),
                 prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
                 prompt_ranks=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+                matcher=matchers[index] if matchers else None,
             )
             if seqs and self.blocks.enable_prefix_caching:
                 seq.waits_for = seqs[0]
@@ -247,7 +251,7 @@ class LLMEngine:
         """Greedy with nothing that changes the logits or asks for more than the pick: what a decode graph's own
         argmax gives exactly. `ahead`: tokens the sequence will have gained by the time the pick is read."""
         p = seq.params
-        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+        return (p.greedy and seq.matcher is None and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
                 and not p.frequency_penalty and not p.top_logprobs and seq.num_output + ahead >= p.min_tokens)
 
     # ---- sampling ------------------------------------------------------------------------------------
@@ -268,10 +272,14 @@ class LLMEngine:
             seq.slot = None
 
     def _draw(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
-        """The next token of each sequence from its row of logits [n, vocab], on the device, without a read."""
+        """The next token of each sequence from its row of logits [n, vocab], on the device, without a read.
+        Rows with a grammar get its bitmask, filled on the host while the step's kernels run."""
         slots = upload([self._slot(seq) for seq in seqs], logits.device, torch.long)
+        allowed = None
+        if any(seq.matcher is not None for seq in seqs):
+            allowed = self.grammars.bitmask([seq.matcher for seq in seqs]).to(logits.device, non_blocking=True)
         return self.sampler.sample(logits, slots, logprobs=any(seq.params.logprobs for seq in seqs),
-                                   top_logprobs=max(seq.params.top_logprobs for seq in seqs))
+                                   top_logprobs=max(seq.params.top_logprobs for seq in seqs), allowed=allowed)
 
     # ---- async scheduling ----------------------------------------------------------------------------
     # After a decode step, the next step is launched from the draws still on the device (every sequence assumed
@@ -284,7 +292,8 @@ class LLMEngine:
         if wanted is None:
             wanted = self.runner.graphs is not None
         return (wanted and self.runner.channel is None and len(ready) == len(inputs)
-                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs for inp in inputs))
+                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and inp.seq.matcher is None
+                        for inp in inputs))
 
     def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], ahead: int = 0) -> PendingStep:
         """The draws of logits [n, vocab] (the step's rows `rows`) on the device, and their copy to the host,
@@ -376,7 +385,15 @@ class LLMEngine:
             event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             event.prompt_ranks = seq.prompt_ranks
         may_stop = seq.num_output >= p.min_tokens
-        if may_stop and token in seq.eos_ids:
+        if seq.matcher is not None:  # the grammar takes the token; once complete, the output is done
+            seq.matcher.consume_token(token)  # type: ignore[attr-defined]
+            if seq.matcher.is_stopped() or seq.matcher.is_error():  # type: ignore[attr-defined]
+                if seq.detok is not None and token not in seq.eos_ids:
+                    event.text = seq.detok.add(seq.output_ids, check_stop=False)
+                seq.finish_reason = "stop"
+        if seq.finish_reason is not None:
+            pass
+        elif may_stop and token in seq.eos_ids:
             seq.finish_reason = "stop"
         elif may_stop and token in p.stop_token_ids:  # its text is kept, as vLLM keeps it (a special token has none)
             if seq.detok is not None:

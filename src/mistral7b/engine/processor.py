@@ -15,6 +15,7 @@ from typing import Union
 
 from mistral7b.cache.block_manager import max_blocks_per_seq
 from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.engine.structured_output import Grammars
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
 from mistral7b.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ class Processor:
     def __init__(self, tokenizer: Tokenizer | None, limits: PromptLimits, source: str):
         """`source`: the model's path, named in the errors of a model without a tokenizer."""
         self.tokenizer, self.limits, self.source = tokenizer, limits, source
+        self.grammars = Grammars(tokenizer, limits.vocab_size)  # compiles a request's constraint to check it
 
     @property
     def max_model_len(self) -> int:
@@ -119,3 +121,5 @@ class Processor:
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.limits.check(prompt_ids, params)
+        if params.structured is not None:
+            self.grammars.check(params.structured)

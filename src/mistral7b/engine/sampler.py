@@ -6,7 +6,8 @@ min_tokens, its logit bias, its token counts for the penalties): written once wh
 uploads only its rows' slot indices. Per step, in order:
 
 1. logit_bias added, ids banned before min_tokens set to -inf, penalties (CTRL repetition over prompt and
-   output; OpenAI presence/frequency over the output) from the slot's counts;
+   output; OpenAI presence/frequency over the output) from the slot's counts; ids a row's grammar does not
+   allow set to -inf (a packed bitmask the host fills: engine/structured_output.py);
 2. greedy rows (temperature 0, or top-k 1): the argmax of the processed logits, the raw logits' exact argmax
    when nothing processed them;
 3. sampled rows: logits / temperature, then by the row's kind (_draw): top-k rows among the batch's largest
@@ -34,6 +35,7 @@ import torch
 
 from mistral7b import cpu, kernels
 from mistral7b.engine.sampling_params import MAX_LOGIT_BIAS, SamplingParams
+from mistral7b.engine.structured_output import unpack_bitmask
 
 # the parameter table's columns
 TEMPERATURE, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY, MIN_TOKENS = range(8)
@@ -170,16 +172,19 @@ class Sampler:
     # ---- a step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, logprobs: bool = False, top_logprobs: int = 0,
-               candidates: str = "auto") -> SamplerOutput:
+               candidates: str = "auto", allowed: torch.Tensor | None = None) -> SamplerOutput:
         """Next tokens for logits [B, vocab] (float32, on the device) of the sequences in `slots` [B] (on the
         device). `candidates`: how top-k and
         top-p rows find their candidates: "topk" (top-k rows by one topk; top-p rows among the 1,024 most
         likely, sorting only rows whose nucleus is wider, which reads back), "threshold" (top-k rows by topk;
         top-p rows by the CPU extension's threshold over the whole vocabulary, no sort), "sort" (a full sort for
         both), or "auto": "threshold" on a CPU with the extension, else "topk" on a CPU and "sort" on a GPU
-        (bench/README.md's sampler table)."""
+        (bench/README.md's sampler table). `allowed`: a packed bitmask [B, ceil(vocab / 32)] int32 of the ids
+        each row may draw (a grammar's, engine/structured_output.py); the others' logits become -inf first."""
         p = self.params[slots]  # [B, NUM_PARAMS]
         x = self._process(logits, p, slots)
+        if allowed is not None:
+            x = x.masked_fill(~unpack_bitmask(allowed, x.shape[1]), float("-inf"))
         greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
         picks = _greedy(x, self.argmax_kernel)  # the raw logits' exact argmax where nothing processed them
         if self.uses["sampled"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mistral7b.engine.structured_output import StructuredOutput
 from mistral7b.errors import RequestError
 
 MAX_STOP_STRINGS = 16
@@ -29,6 +30,7 @@ class SamplingParams:
     prompt_logprobs: None, or report every prompt token's log-probability with the k most likely tokens
         (k may be 0): what `echo` with `logprobs` needs. Such a request does not reuse the prefix cache.
     logit_bias: token id -> bias added to its logit, in [-100, 100].
+    structured: the output must match a JSON schema, regex, choice or grammar (engine/structured_output.py).
     """
 
     max_tokens: int = 256
@@ -49,6 +51,7 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,3 +113,7 @@ class SamplingParams:
                 raise RequestError(f"logit_bias: keys must be non-negative token ids, got {t!r}")
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                 raise RequestError(f"logit_bias: values must be numbers in [-100, 100], got {b!r}")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise RequestError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
+            self.structured.validate()

@@ -51,6 +51,7 @@ class Sequence:
     waits_for: Sequence | None = None  # a sibling whose pre-fill fills the prefix cache for this one
     num_preemptions: int = 0
     slot: int | None = None  # the sampler's slot (engine/sampler.py) while it holds one
+    matcher: object | None = None  # the grammar's state, with a structured output (engine/structured_output.py)
 
     @property
     def num_tokens(self) -> int:

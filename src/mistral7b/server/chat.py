@@ -31,8 +31,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     body.check_stream_options()
     if body.tools:
         raise RequestError("tools are not supported by this server")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise RequestError(f"response_format {body.response_format.type!r} is not supported; use 'text'")
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs: true")
     if (body.top_logprobs or 0) > state.max_logprobs:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mistral7b.engine.generation_config import NEUTRAL, SAMPLING_FIELDS, SamplingDefaults
 from mistral7b.engine.sampling_params import SamplingParams
+from mistral7b.engine.structured_output import StructuredOutput
 from mistral7b.errors import RequestError
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
@@ -31,6 +32,29 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(Strict):
+    name: Annotated[str, Field(max_length=256)] = "response"
+    description: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    schema_: Any = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: Any = Field(default=None, alias="json")
+    regex: Annotated[str, Field(max_length=1 << 16)] | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1 << 12)]],
+                      Field(min_length=1, max_length=256)] | None = None
+    grammar: Annotated[str, Field(max_length=1 << 16)] | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(Strict):
@@ -54,6 +78,49 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0, le=1 << 20)] = 0
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: Annotated[str, Field(max_length=1 << 16)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=1 << 12)]],
+                             Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: Annotated[str, Field(max_length=1 << 16)] | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The one constraint the request asks for (response_format, structured_outputs or a guided_* field),
+        or None; two at once is a 400."""
+        asked = []
+        if self.response_format is not None and self.response_format.type == "json_object":
+            asked.append(StructuredOutput("json_object"))
+        elif self.response_format is not None and self.response_format.type == "json_schema":
+            spec = self.response_format.json_schema
+            if spec is None or spec.schema_ is None:
+                raise RequestError("response_format json_schema needs json_schema.schema")
+            asked.append(StructuredOutput.json_schema(spec.schema_))
+        so = self.structured_outputs
+        if so is not None:
+            if so.json_ is not None:
+                asked.append(StructuredOutput.json_schema(so.json_))
+            if so.regex is not None:
+                asked.append(StructuredOutput("regex", so.regex))
+            if so.choice is not None:
+                asked.append(StructuredOutput("choice", tuple(so.choice)))
+            if so.grammar is not None:
+                asked.append(StructuredOutput("grammar", so.grammar))
+            if so.json_object:
+                asked.append(StructuredOutput("json_object"))
+        if self.guided_json is not None:
+            asked.append(StructuredOutput.json_schema(self.guided_json))
+        if self.guided_regex is not None:
+            asked.append(StructuredOutput("regex", self.guided_regex))
+        if self.guided_choice is not None:
+            asked.append(StructuredOutput("choice", tuple(self.guided_choice)))
+        if self.guided_grammar is not None:
+            asked.append(StructuredOutput("grammar", self.guided_grammar))
+        if len(asked) > 1:
+            raise RequestError("ask for one structured output at a time (response_format, structured_outputs or "
+                               "one guided_* field)")
+        return asked[0] if asked else None
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -74,7 +141,8 @@ class SamplingFields(Strict):
             frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            min_tokens=min(self.min_tokens, max_tokens), n=self.n, logit_bias=bias, **extra,
+            min_tokens=min(self.min_tokens, max_tokens), n=self.n, logit_bias=bias, structured=self.structured(),
+            **extra,
         )
 
     @property
@@ -112,17 +180,12 @@ class ChatMessage(Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
-class ResponseFormat(Strict):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], Field(max_length=128)] | None = None
     safe_prompt: bool = False
 

@@ -45,6 +45,17 @@ class Tokenizer(ABC):
     def id_to_piece(self, id: int) -> str:
         """The raw vocabulary entry of one id, for debugging and logprobs."""
 
+    def vocabulary_bytes(self) -> tuple[list[bytes], set[int]]:
+        """Each id's bytes as generation emits them (a byte-fallback piece: its one byte) and the ids of special
+        or control tokens: what a grammar engine needs to know which ids can continue a text
+        (engine/structured_output.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its tokens' bytes")
+
+
+def sentencepiece_bytes(piece: str, byte: bool) -> bytes:
+    """A SentencePiece piece's bytes: "▁" is a space, a byte-fallback piece "<0xAB>" is the byte 0xAB."""
+    return bytes([int(piece[3:5], 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+
 
 def check_messages(messages: Any, add_generation_prompt: bool = True) -> list[dict[str, str]]:
     """Messages as a list of {role, content} dicts, or RequestError naming the first problem. A chat may end

@@ -70,6 +70,10 @@ class TokenizersTokenizer(Tokenizer):
     def id_to_piece(self, id: int) -> str:
         return self._tok.id_to_token(id) or ""
 
+    def tokenizer_json(self) -> str:
+        """The tokenizer.json this tokenizer runs (llguidance reads its vocabulary from it directly)."""
+        return self._tok.to_str()
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         checked = check_messages(messages, add_generation_prompt)
         if self.chat_template is None:

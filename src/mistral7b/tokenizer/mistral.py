@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
+from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer, sentencepiece_bytes
 
 
 class MistralCommonTokenizer(Tokenizer):
@@ -48,6 +48,17 @@ class MistralCommonTokenizer(Tokenizer):
 
     def id_to_piece(self, id: int) -> str:
         return self._raw.id_to_piece(id)
+
+    def vocabulary_bytes(self) -> tuple[list[bytes], set[int]]:
+        raw, n = self._raw, self.vocab_size
+        if hasattr(raw, "id_to_byte_piece"):  # tekken: special tokens first, then byte-level ranks
+            from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+            specials = set(range(raw.num_special_tokens))
+            return [raw.id_to_byte_piece(i, SpecialTokenPolicy.KEEP) for i in range(n)], specials
+        sp = raw._model  # SentencePiece (v1, v2, v3): its processor
+        pieces = [sentencepiece_bytes(sp.id_to_piece(i), sp.is_byte(i)) for i in range(n)]
+        return pieces, {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from mistral7b.errors import RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
+from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer, sentencepiece_bytes
 from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials
 
 
@@ -61,6 +61,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_piece(self, id: int) -> str:
         return self.sp.id_to_piece(id)
+
+    def vocabulary_bytes(self) -> tuple[list[bytes], set[int]]:
+        sp = self.sp
+        pieces = [sentencepiece_bytes(sp.id_to_piece(i), sp.is_byte(i)) for i in range(self.vocab_size)]
+        return pieces, {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
 
     def _piece(self, id: int | None) -> str:
         return self.sp.id_to_piece(id) if id is not None else ""
