@@ -161,6 +161,7 @@ def server_levels(a: argparse.Namespace, model: str, out_dir: str) -> dict:
     try:
         # warm-up at full size: the pre-fill kernels compile for the shapes the levels meet, not inside the first
         client(a, port, "warm-up", {"temperature": 0}, a.concurrency, a.requests, json_out, proc.pid)
+        client(a, port, "warm-up json", JSON_SAMPLED, 4, 4, json_out, proc.pid)  # the schema compiled, once
         levels = [("greedy", {"temperature": 0}, a.concurrency, a.requests),
                   ("T=1.0 top_p=0.95", SAMPLED, a.concurrency, a.requests),
                   ("mix: seed, penalties, logprobs", MIX, a.concurrency, a.requests),

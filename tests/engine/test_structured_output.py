@@ -199,3 +199,15 @@ def test_a_typical_schema_compiles_fast_and_once(v3):
     again = time.perf_counter() - start
     assert grammars._compiled.cache_info().hits >= 1
     assert first < 0.5 and again < first + 0.05  # the bench records the numbers; this guards against a regression
+
+
+def test_warm_builds_the_vocabulary_in_the_background():
+    from mistral7b.tokenizer.mistral import MistralCommonTokenizer
+
+    grammars = Grammars(MistralCommonTokenizer(mistral_data("tokenizer.model.v1")), 32000)
+    thread = grammars.warm()
+    thread.join(timeout=60)
+    assert grammars._lltokenizer is not None and grammars._lltokenizer.vocab_size == 32000
+    assert Grammars(None, 10).warm() is None
+    with pytest.raises(RequestError, match="no tokenizer"):
+        Grammars(None, 10).check(StructuredOutput("regex", "a"))

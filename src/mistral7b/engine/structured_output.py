@@ -164,6 +164,22 @@ class Grammars:
                 self._executor = llguidance.LLExecutor()
             return self._lltokenizer
 
+    def warm(self) -> threading.Thread | None:
+        """Build llguidance's vocabulary in a background thread (a server, at start), so the first constrained
+        request does not wait for it; errors surface on that request instead."""
+        if self.tokenizer is None:
+            return None
+
+        def build() -> None:
+            try:
+                self.lltokenizer()
+            except (RequestError, ValueError, RuntimeError):
+                pass
+
+        thread = threading.Thread(target=build, name="grammar-vocabulary", daemon=True)
+        thread.start()
+        return thread
+
     def check(self, output: StructuredOutput) -> None:
         """RequestError (with llguidance's reason) unless the constraint compiles for this vocabulary."""
         self._compiled(output)

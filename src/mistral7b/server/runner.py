@@ -97,6 +97,7 @@ def serve(llm: LLM, spec: ApiServerSpec, operations: dict[str, Callable[..., Any
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     core = EngineCore(llm.engine, here, operations)
+    llm.engine.grammars.warm()  # structured outputs' vocabulary, built while the API process starts
     try:
         core.run()
     finally:
@@ -130,6 +131,7 @@ def api_process(conn: Connection, spec: ApiServerSpec) -> None:
 
     logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     processor = Processor(checkpoint_tokenizer(open_checkpoint(spec.model_path)), spec.limits, spec.model_path)
+    processor.grammars.warm()
 
     def on_dead() -> None:  # the engine failed or its process ended: nothing more can be served
         server.should_exit = True
