@@ -19,6 +19,7 @@ from mistral7b.engine.structured_output import Grammars
 from mistral7b.errors import RequestError
 from mistral7b.guardrails import with_safe_prompt
 from mistral7b.tokenizer import Tokenizer
+from mistral7b.tokenizer.base import has_tool_messages
 
 Prompt = Union[str, Sequence[int], dict]
 
@@ -100,14 +101,22 @@ class Processor:
             raise RequestError("the prompt is empty")
         return ids
 
-    def encode_chat(self, messages: list[dict], safe_prompt: bool = False) -> list[int]:
+    def encode_chat(self, messages: list[dict], safe_prompt: bool = False,
+                    tools: list[dict] | None = None) -> list[int]:
         """A conversation's prompt ids through the model's chat format, ending where the assistant answers;
-        `safe_prompt` prepends the paper's guardrail prompt."""
+        `safe_prompt` prepends the paper's guardrail prompt; `tools` are offered to a model with a tool format
+        (server/tool_calls.py), and messages may then carry tool calls and results."""
         if self.tokenizer is None:
             raise RequestError(f"{self.source} has no tokenizer, so it cannot format a chat")
         if not isinstance(messages, list):
             raise RequestError("messages must be a list of {role, content} objects")
-        return self.tokenizer.encode_chat(with_safe_prompt(messages, safe_prompt), add_generation_prompt=True)
+        messages = with_safe_prompt(messages, safe_prompt)
+        if tools is not None or has_tool_messages(messages):
+            if getattr(self.tokenizer, "tool_calls_id", None) is None:
+                raise RequestError(f"{self.source}: this model has no tool-calling format (tools and tool "
+                                   f"messages need a Mistral tokenizer v3 or later)")
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)  # type: ignore[call-arg]
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def fit(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """Cap max_tokens to the context left (the offline API's rule); a prompt that does not fit at all is an

@@ -25,7 +25,7 @@ import torch
 
 from mistral7b.errors import RequestError
 
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "lark")
 MAX_SPEC_CHARS = 1 << 16  # a schema, regex or grammar of at most 64K characters
 MAX_CHOICES = 256
 # Whitespace between JSON tokens: at most this much at a time, so a weak model cannot pad an answer with blanks
@@ -37,8 +37,8 @@ JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,40}"}
 @dataclass(frozen=True)
 class StructuredOutput:
     """What a request's output must match. `spec`: the JSON schema as JSON text (kind "json"), the regex, the
-    grammar (Lark, or llama.cpp's GBNF), or the choices (kind "choice", a tuple of strings); "" for
-    json_object."""
+    grammar (kind "grammar": Lark, or llama.cpp's GBNF; "lark": llguidance's Lark only, which names special
+    tokens), or the choices (kind "choice", a tuple of strings); "" for json_object."""
 
     kind: str
     spec: str | tuple[str, ...] = ""
@@ -83,6 +83,8 @@ class StructuredOutput:
                 return llguidance.LLMatcher.grammar_from_regex(self.spec)
             if self.kind == "choice":
                 return llguidance.grammar_from("choice", json.dumps(list(self.spec)))
+            if self.kind == "lark":  # llguidance's Lark as is (special tokens as <[id]>, %json {schema})
+                return llguidance.LLMatcher.grammar_from_lark(self.spec)
             return llguidance.grammar_from("grammar", self.spec)
         except (ValueError, TypeError, RuntimeError) as e:
             raise RequestError(f"the {self.kind} constraint cannot be compiled: {_first_line(e)}") from None

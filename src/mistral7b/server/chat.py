@@ -8,6 +8,7 @@ in full and checked before any of it is sent (a stream then carries it in one pi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,33 +17,50 @@ from typing import Any
 from fastapi import Request
 
 from mistral7b.engine.outputs import StreamEvent
+from mistral7b.engine.sampling_params import SamplingParams
 from mistral7b.errors import RequestError
 from mistral7b.server.protocol import ChatCompletionRequest
 from mistral7b.server.state import ServerState, usage
 from mistral7b.server.streaming import respond, sse
+from mistral7b.server.tool_calls import ToolCall, Tools
 
 
 def _entry(text: str, logprob: float) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
+def with_tools(params: SamplingParams, tools: Tools) -> SamplingParams:
+    """The request's sampling with its tool choice applied: a forced call's grammar, or the call token banned."""
+    forced = tools.constraint()
+    if forced is not None:
+        if params.structured is not None:
+            raise RequestError("tool_choice 'required' or a named function cannot be combined with response_format "
+                               "or structured_outputs")
+        params = dataclasses.replace(params, structured=forced)
+    if tools.logit_bias():
+        params = dataclasses.replace(params, logit_bias={**params.logit_bias, **tools.logit_bias()})
+    return params
+
+
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Any:
     state.check_model(body.model)
     body.check_stream_options()
-    if body.tools:
-        raise RequestError("tools are not supported by this server")
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs: true")
     if (body.top_logprobs or 0) > state.max_logprobs:
         raise RequestError(f"top_logprobs must be at most {state.max_logprobs}")
+    tools = Tools.from_request(body.tool_list(), body.tool_choice_plain(), body.parallel_tool_calls,
+                               state.processor.tokenizer)
     messages = [m.plain() for m in body.messages]
-    ids = await state.encode_chat(messages, body.safe_prompt)
+    ids = await state.encode_chat(messages, body.safe_prompt, tools.offered if tools is not None else None)
     room = state.max_model_len - len(ids)
     max_tokens = body.max_completion_tokens or body.max_tokens or room
     if room < 1:
         raise RequestError(f"this model's maximum context length is {state.max_model_len} tokens; the messages "
                            f"take {len(ids)}")
     params = body.sampling_params(max_tokens, state.sampling_defaults, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    if tools is not None:
+        params = with_tools(params, tools)
     state.processor.check(ids, params)
     refusal = await state.engine.call("check_input", messages) if state.moderate_input else None
     hold = state.moderate_output
@@ -82,6 +100,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     def the_usage() -> dict[str, Any]:
         return usage(len(ids), sum(len(o) for o in outputs))
 
+    def calls_of(k: int) -> list[ToolCall] | None:
+        return tools.parse(outputs[k], texts[k]) if tools is not None and reasons[k] == "stop" else None
+
+    def message(k: int) -> tuple[dict[str, Any], str | None]:
+        calls = calls_of(k)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": [c.message() for c in calls]}, "tool_calls"
+        return {"role": "assistant", "content": texts[k]}, reasons[k]
+
     async def collect() -> dict[str, Any]:
         if stream is not None:
             async for batch in stream.batches():
@@ -89,10 +116,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                     apply(event)
         if hold:
             await moderate_outputs()
-        return {**head, "object": "chat.completion", "choices": [
-            {"index": k, "message": {"role": "assistant", "content": texts[k]},
-             "logprobs": {"content": entries[k]} if body.logprobs else None, "finish_reason": reasons[k]}
-            for k in range(n)], "usage": the_usage()}
+        choices = []
+        for k in range(n):
+            msg, reason = message(k)
+            choices.append({"index": k, "message": msg, "logprobs": {"content": entries[k]} if body.logprobs else None,
+                            "finish_reason": reason})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": the_usage()}
+
+    def tool_chunks(k: int) -> list[str]:
+        """An answer that called tools, streamed as OpenAI streams calls: each call's id and name, then its
+        arguments; or, where the answer did not parse as calls, its text."""
+        calls = calls_of(k)
+        if not calls:
+            return [chunk(k, {"content": texts[k]}), chunk(k, {}, None, reasons[k])]
+        out = []
+        for i, c in enumerate(calls):
+            out.append(chunk(k, {"tool_calls": [{"index": i, "id": c.id, "type": "function",
+                                                 "function": {"name": c.name, "arguments": ""}}]}))
+            out.append(chunk(k, {"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]}))
+        return out + [chunk(k, {}, None, "tool_calls")]
+
+    calling: list[bool | None] = [None] * n  # per answer: it began with the [TOOL_CALLS] token (then held)
 
     def chunk(k: int, delta: dict[str, Any], logprobs: Any = None, reason: str | None = None) -> str:
         return sse({**head, "object": "chat.completion.chunk", "choices": [
@@ -114,6 +158,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                     if event.finish_reason is not None:
                         finished[event.index] = event.finish_reason
                 for k, text in texts_now.items():
+                    if calling[k] is None and outputs[k] and tools is not None:
+                        calling[k] = outputs[k][0] == tools.token
+                    if calling[k]:  # a tool call is sent whole once it is complete
+                        if k in finished:
+                            for piece in tool_chunks(k):
+                                yield piece
+                        continue
                     if text or k in entries_now:
                         yield chunk(k, {"content": text}, {"content": entries_now[k]} if k in entries_now else None)
                     if k in finished:

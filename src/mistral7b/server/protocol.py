@@ -166,18 +166,62 @@ class TextPart(Strict):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCallIn(Strict):
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class ToolCallIn(Strict):
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, Annotated[list[TextPart], Field(max_length=256)], None] = None
     name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=64)] | None = None  # an assistant's calls
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None  # a tool message's call
 
-    def plain(self) -> dict[str, str]:
-        if self.role == "tool":
-            raise RequestError("messages: tool messages are not supported (this server does not call tools)")
+    def plain(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
+        if self.role == "tool":
+            if self.tool_call_id is None:
+                raise RequestError("messages: a tool message needs tool_call_id")
+            return {"role": "tool", "content": content or "", "tool_call_id": self.tool_call_id,
+                    **({"name": self.name} if self.name else {})}
+        if self.role == "assistant" and self.tool_calls:
+            return {"role": "assistant", "content": content or None, "tool_calls": [
+                {"id": c.id, "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in self.tool_calls]}
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class FunctionSpec(Strict):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -186,8 +230,21 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: Annotated[list[Any], Field(max_length=128)] | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
     safe_prompt: bool = False
+
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools as plain OpenAI objects (what mistral-common takes)."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in self.tools]
+
+    def tool_choice_plain(self) -> Any:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return {"type": "function", "function": {"name": self.tool_choice.function.name}}
+        return self.tool_choice
 
 
 class TokenizeRequest(Strict):

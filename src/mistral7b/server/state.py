@@ -54,9 +54,10 @@ class ServerState:
             return await run_in_threadpool(self.processor.encode_prompt, prompt)
         return self.processor.encode_prompt(prompt)
 
-    async def encode_chat(self, messages: list[dict[str, str]], safe_prompt: bool) -> list[int]:
-        self._check_text("".join(m["content"] for m in messages))
-        return await run_in_threadpool(self.processor.encode_chat, messages, safe_prompt or self.safe_prompt)
+    async def encode_chat(self, messages: list[dict[str, Any]], safe_prompt: bool,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        self._check_text("".join(m.get("content") or "" for m in messages))
+        return await run_in_threadpool(self.processor.encode_chat, messages, safe_prompt or self.safe_prompt, tools)
 
     def special_tokens(self) -> dict[str, int]:
         """The BOS and EOS tokens by their vocabulary text."""

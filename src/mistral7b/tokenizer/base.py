@@ -78,6 +78,42 @@ def check_messages(messages: Any, add_generation_prompt: bool = True) -> list[di
     return checked
 
 
+def has_tool_messages(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
+
+
+def check_tool_messages(messages: Any) -> list[dict[str, Any]]:
+    """A conversation with tool calls and results: {role, content} messages as `check_messages` takes them,
+    assistant messages with `tool_calls` ({id, function: {name, arguments}}, content may be empty) and `tool`
+    messages ({content, tool_call_id}); RequestError naming the first problem."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of message objects")
+    checked: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role == "tool":
+            if not isinstance(content, str) or not isinstance(m.get("tool_call_id"), str):
+                raise RequestError(f"messages[{i}]: a tool message needs string content and tool_call_id")
+            checked.append({"role": "tool", "content": content, "tool_call_id": m["tool_call_id"],
+                            **({"name": m["name"]} if m.get("name") else {})})
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(
+                        fn.get("arguments"), str) or not isinstance(call.get("id"), str):
+                    raise RequestError(f"messages[{i}].tool_calls: each needs an id and a function name and "
+                                       f"arguments (strings)")
+                calls.append({"id": call["id"], "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+            checked.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+        else:
+            checked.extend(check_messages([m], add_generation_prompt=False))
+    return checked
+
+
 def continues_answer(messages: list[dict[str, str]], add_generation_prompt: bool) -> bool:
     """A chat for generation that ends with an assistant message: the model continues that answer (a prefill, as
     llama.cpp does and Mistral's API does with `prefix: true`) instead of starting a new one, so the answer is

@@ -7,10 +7,13 @@ go through `encode_chat_completion` unchanged and plain text through its raw tok
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer, sentencepiece_bytes
+from mistral7b.tokenizer.base import (Tokenizer, check_messages, check_tool_messages, continues_answer,
+                                     has_tool_messages, sentencepiece_bytes)
 
 
 class MistralCommonTokenizer(Tokenizer):
@@ -32,6 +35,7 @@ class MistralCommonTokenizer(Tokenizer):
         self.bos_id = int(self._raw.bos_id)
         self.eos_id = int(self._raw.eos_id)
         self.eos_ids = frozenset({self.eos_id})
+        self.tool_calls_id = self._special("[TOOL_CALLS]")  # v3 and later: the model calls tools with it
         self._errors: tuple[type[Exception], ...] = (MistralCommonException, ValueError, AssertionError)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -60,9 +64,32 @@ class MistralCommonTokenizer(Tokenizer):
         pieces = [sentencepiece_bytes(sp.id_to_piece(i), sp.is_byte(i)) for i in range(n)]
         return pieces, {i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def _special(self, name: str) -> int | None:
+        try:
+            token = int(self._raw.get_special_token(name))
+        except Exception:  # mistral-common raises its own errors (and others, by version) for an unknown token
+            return None
+        return token if self._raw.id_to_piece(token) == name else None  # v1 answers <unk>
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """`tools`: OpenAI's function tools, offered in the prompt as mistral-common writes them (v3 and later);
+        messages may then hold tool calls and results too."""
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        if tools is not None or has_tool_messages(messages):
+            if self.tool_calls_id is None:
+                raise RequestError(f"{os.path.basename(self.path)} has no tool-calling format (Mistral "
+                                   f"tokenizers v3 and later have one)")
+            try:
+                request = ChatCompletionRequest(messages=check_tool_messages(messages), tools=tools)
+                return list(self._mt.encode_chat_completion(request).tokens)
+            except self._errors as e:
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RequestError(f"messages or tools rejected by the Mistral chat format: {message}") from None
+            except Exception as e:  # pydantic's ValidationError of a malformed tool or message
+                raise RequestError(f"messages or tools rejected by the Mistral chat format: "
+                                   f"{str(e).splitlines()[0]}") from None
         checked = check_messages(messages, add_generation_prompt)
         if continues_answer(checked, add_generation_prompt):
             checked[-1] = {**checked[-1], "prefix": True}  # mistral-common's prefill: the answer stays open
