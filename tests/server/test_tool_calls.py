@@ -186,3 +186,19 @@ def test_tools_for_a_model_without_a_tool_format_are_a_400(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.client().chat.completions.create(model="tiny-mistral", messages=MESSAGES, tools=TOOLS, max_tokens=5)
     assert "tool-calling format" in str(e.value.body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_answer_that_starts_a_call_but_is_no_call_stays_text(v3_server, stream):
+    """An answer of [TOOL_CALLS] tokens (logit_bias) that is no JSON list of calls: the answer is sent as text
+    (empty: the token has none) with its own finish reason, streamed or not, never as a call."""
+    kw = dict(model="tiny-v3", messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=10, temperature=0,
+              logit_bias={"5": 100})
+    if stream:
+        chunks = list(client(v3_server).chat.completions.create(**kw, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert not any(d.tool_calls for d in deltas) and any(d.content is not None for d in deltas)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    else:
+        choice = client(v3_server).chat.completions.create(**kw).choices[0]
+        assert choice.message.content == "" and not choice.message.tool_calls and choice.finish_reason == "length"
