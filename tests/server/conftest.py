@@ -118,3 +118,36 @@ def offline(tiny_model):
     from mistral7b import LLM
 
     return LLM(tiny_model, progress=False, max_model_len=ARGS.max_seq_len)
+
+
+V3_ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                    vocab_size=32768, rope_theta=10000.0, sliding_window=None, max_seq_len=1024)
+
+
+def v3_tokenizer() -> str:
+    """Mistral's v3 tokenizer (tools: [AVAILABLE_TOOLS], [TOOL_CALLS], [TOOL_RESULTS]), from mistral-common."""
+    import mistral_common
+
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "mistral_instruct_tokenizer_240323.model.v3")
+
+
+@pytest.fixture(scope="session")
+def v3_folder(tmp_path_factory) -> str:
+    """A tiny random checkpoint with the v3 tokenizer beside it."""
+    import shutil
+
+    from mistral7b.loading.writers import save_native
+    from tests.loading.conftest import random_state
+
+    folder = str(tmp_path_factory.mktemp("tiny_v3"))
+    save_native(folder, V3_ARGS, random_state(V3_ARGS, seed=4))
+    shutil.copy(v3_tokenizer(), os.path.join(folder, "tokenizer.model.v3"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def v3_server(v3_folder, tmp_path_factory) -> Iterator[Server]:
+    s = start_server(v3_folder, str(tmp_path_factory.mktemp("logs")), "--served-model-name", "tiny-v3",
+                     "--max-model-len", "1024")
+    yield s
+    s.stop()

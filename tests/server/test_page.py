@@ -128,6 +128,52 @@ def test_wrong_key_shows_the_error(browser, smollm2_server):
     assert "API key" in browser.find_element("css selector", ".msg.error").text
 
 
+def test_pasted_schema_shapes_the_answer(browser, smollm2_server):
+    """A JSON schema pasted on the page goes out as response_format: the reply validates against it."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    browser.get(smollm2_server.url + "/")
+    browser.find_element("id", "api-key").send_keys(KEY)
+    browser.find_element("id", "schema").send_keys(json.dumps(schema))
+    temperature = browser.find_element("id", "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    browser.find_element("id", "input").send_keys("Name the capital of France.")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: last_reply(browser) is not None and last_reply(browser).get_attribute("data-state") in (
+        "done", "error"))
+    jsonschema.validate(json.loads(last_reply(browser).text), schema)
+    browser.find_element("id", "schema").clear()
+    browser.find_element("id", "schema").send_keys("{not json")
+    browser.find_element("id", "input").send_keys("Again")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: "not valid JSON" in (last_reply(browser).text or ""))
+
+
+def test_tool_call_is_shown(browser, v3_server):
+    """Tools pasted on the page with tool choice "required": the reply shows the call, name and arguments."""
+    import json
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}}}]
+    browser.get(v3_server.url + "/")
+    browser.find_element("id", "tools").send_keys(json.dumps(tools))
+    browser.find_element("id", "tool-choice").send_keys("required")
+    browser.find_element("id", "input").send_keys("Weather in Oslo?")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: last_reply(browser) is not None and last_reply(browser).get_attribute("data-state") == "done")
+    calls = last_reply(browser).find_elements("css selector", ".tool-call")  # parallel calls allowed: one or more
+    assert calls and last_reply(browser).get_attribute("data-finish") == "tool_calls"
+    for call in calls:
+        assert call.text.startswith("tool call: get_weather(")
+        assert set(json.loads(call.text[len("tool call: get_weather("):-1])) == {"city"}
+
+
 def test_replies_render_markdown_as_text_never_as_html(browser, smollm2_server):
     """Code blocks, inline code, bold and italic become elements; any HTML in a reply stays text (no element,
     no script); the favicon is inline (no request leaves the page)."""

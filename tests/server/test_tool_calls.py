@@ -6,19 +6,14 @@ chance: the grammar forces it); a full round trip whose prompt ids equal mistral
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import jsonschema
 import pytest
 
-from mistral7b.config import ModelArgs
 from mistral7b.server.tool_calls import Tools
-from tests.server.conftest import start_server
+from tests.server.conftest import v3_tokenizer
 
-ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-                 vocab_size=32768, rope_theta=10000.0, sliding_window=None, max_seq_len=1024)
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
@@ -30,31 +25,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-def v3_tokenizer() -> str:
-    import mistral_common
-
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "mistral_instruct_tokenizer_240323.model.v3")
-
-
-@pytest.fixture(scope="module")
-def v3_folder(tmp_path_factory) -> str:
-    from mistral7b.loading.writers import save_native
-    from tests.loading.conftest import random_state
-
-    folder = str(tmp_path_factory.mktemp("tiny_v3"))
-    save_native(folder, ARGS, random_state(ARGS, seed=4))
-    shutil.copy(v3_tokenizer(), os.path.join(folder, "tokenizer.model.v3"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def v3_server(v3_folder, tmp_path_factory):
-    s = start_server(v3_folder, str(tmp_path_factory.mktemp("logs")), "--served-model-name", "tiny-v3",
-                     "--max-model-len", "1024")
-    yield s
-    s.stop()
 
 
 def client(server):
