@@ -37,6 +37,22 @@ def test_generate_json_is_greedy_and_consistent():
     assert json.loads(again.stdout)["token_ids"] == out["token_ids"]
 
 
+def test_generate_with_a_json_schema_regex_or_choice(tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
+              "required": ["capital"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    p = run("generate", "--prompt", "France as JSON:", "--max-tokens", "40", "--temperature", "0", "--json",
+            "--quiet", "--json-schema", str(path))
+    assert p.returncode == 0, p.stderr
+    jsonschema.validate(json.loads(json.loads(p.stdout)["text"]), schema)
+    p = run("generate", "--prompt", "Is Paris in France?", "--max-tokens", "5", "--temperature", "0", "--json",
+            "--quiet", "--choice", "yes", "--choice", "no")
+    assert json.loads(p.stdout)["text"] in ("yes", "no")
+
+
 def test_tokenize_text_and_messages(tmp_path):
     p = run("tokenize", "--text", "Hello world", "--no-bos")
     assert p.returncode == 0, p.stderr
@@ -105,6 +121,8 @@ def test_interactive_chat_lists_commands_and_refuses_unknown_ones():
         (["generate"], "--prompt"),
         (["tokenize", "--messages", "/nonexistent.json"], "/nonexistent.json"),
         (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+        (["generate", "--prompt", "x", "--json-schema", "/nonexistent/schema.json"], "/nonexistent/schema.json"),
+        (["generate", "--prompt", "x", "--regex", "([a-"], "regex"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle):

@@ -33,6 +33,28 @@ def _sampling_options(p: argparse.ArgumentParser, temperature: float | None, max
     g.add_argument("--repetition-penalty", type=float, default=None, help=MODEL_DEFAULT)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE", help="answers follow this JSON schema (a .json file)")
+    c.add_argument("--regex", help="answers match this regular expression")
+    c.add_argument("--choice", action="append", help="answers are one of these strings (repeatable)")
+
+
+def _structured(a: argparse.Namespace) -> Any:
+    """The constraint the options ask for (engine/structured_output.py), or None."""
+    from mistral7b.engine.structured_output import StructuredOutput
+    from mistral7b.errors import RequestError
+
+    if getattr(a, "json_schema", None):
+        try:
+            with open(a.json_schema, encoding="utf-8") as f:
+                return StructuredOutput.json_schema(f.read())
+        except OSError as e:
+            raise RequestError(f"--json-schema {a.json_schema}: {e.strerror}") from None
+    if getattr(a, "regex", None):
+        return StructuredOutput("regex", a.regex)
+    if getattr(a, "choice", None):
+        return StructuredOutput("choice", tuple(a.choice))
+    return None
 
 
 def _sampling(a: argparse.Namespace, llm: Any = None, logprobs: bool = False):
@@ -42,7 +64,7 @@ def _sampling(a: argparse.Namespace, llm: Any = None, logprobs: bool = False):
     from mistral7b.engine.sampling_params import SamplingParams
 
     fields = {name: getattr(a, name) for name in SAMPLING_FIELDS if getattr(a, name) is not None}
-    fields.update(max_tokens=a.max_tokens, seed=a.seed, stop=a.stop, logprobs=logprobs)
+    fields.update(max_tokens=a.max_tokens, seed=a.seed, stop=a.stop, logprobs=logprobs, structured=_structured(a))
     return llm.default_sampling_params(**fields) if llm is not None else SamplingParams(**fields)
 
 
