@@ -112,9 +112,10 @@ class Processor:
             raise RequestError("messages must be a list of {role, content} objects")
         messages = with_safe_prompt(messages, safe_prompt)
         if tools is not None or has_tool_messages(messages):
-            if getattr(self.tokenizer, "tool_calls_id", None) is None:
+            if getattr(self.tokenizer, "tools_format", None) is None:
                 raise RequestError(f"{self.source}: this model has no tool-calling format (tools and tool "
-                                   f"messages need a Mistral tokenizer v3 or later)")
+                                   f"messages need a Mistral tokenizer v3 or later, or a chat template that takes "
+                                   f"tools and writes <tool_call> blocks)")
             return self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)  # type: ignore[call-arg]
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 

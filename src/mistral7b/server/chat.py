@@ -158,13 +158,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                     if event.finish_reason is not None:
                         finished[event.index] = event.finish_reason
                 for k, text in texts_now.items():
-                    if calling[k] is None and outputs[k] and tools is not None:
-                        calling[k] = outputs[k][0] == tools.token
-                    if calling[k]:  # a tool call is sent whole once it is complete
-                        if k in finished:
-                            for piece in tool_chunks(k):
-                                yield piece
-                        continue
+                    if tools is not None and calling[k] is not False:
+                        if calling[k] is None:
+                            calling[k] = tools.starts(outputs[k], texts[k])
+                        if calling[k] or (calling[k] is None and k not in finished):
+                            if k in finished:  # a tool call is sent whole once it is complete
+                                for piece in tool_chunks(k):
+                                    yield piece
+                            continue  # a call, or too early to tell: held
+                        text = texts[k]  # no call: what was held comes out with this batch's text
+                        if body.logprobs:
+                            entries_now[k] = list(entries[k])
+                        calling[k] = False
                     if text or k in entries_now:
                         yield chunk(k, {"content": text}, {"content": entries_now[k]} if k in entries_now else None)
                     if k in finished:

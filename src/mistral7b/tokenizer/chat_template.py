@@ -199,10 +199,11 @@ class ChatTemplate:
         """The rendered text and where each message content sits in it (RequestError if the template alters it)."""
         real = self.render_text(messages, add_generation_prompt, **variables)
         nonce = secrets.token_hex(8)
-        masked = [dict(m, content=f"\ue000{nonce}:{i}\ue001") for i, m in enumerate(messages)]
+        texts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]  # not a call's None
+        masked = [dict(m, content=f"\ue000{nonce}:{i}\ue001") if i in texts else m for i, m in enumerate(messages)]
         pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", self.render_text(masked, add_generation_prompt, **variables))
         seen = {int(i) for i in pieces[1::2]}
-        for i in range(len(messages)):
+        for i in texts:
             if i not in seen:
                 raise RequestError(f"{self.origin} does not show messages[{i}].content as given "
                                    f"(it drops or changes it), so its tokens cannot be kept apart from the template's")
@@ -223,6 +224,14 @@ class ChatTemplate:
         if pos != len(real):
             raise unaligned
         return RenderedChat(real, spans)
+
+
+def template_tools_format(template: ChatTemplate | None) -> str | None:
+    """The call format of a template that takes `tools`: "hermes" where it writes <tool_call> blocks (Hermes,
+    Qwen, SmolLM3 and others), else None (no tool calling through it)."""
+    if template is None or "tools" not in template.source:
+        return None
+    return "hermes" if "<tool_call>" in template.source else None
 
 
 def split_at_specials(text: str, content_spans: Sequence[tuple[int, int]],

@@ -19,8 +19,9 @@ import tokenizers
 
 from mistral7b.config import read_json
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import Tokenizer, check_messages, continues_answer
-from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials
+from mistral7b.tokenizer.base import (Tokenizer, check_messages, check_tool_messages, continues_answer,
+                                     has_tool_messages)
+from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials, template_tools_format
 
 # Control tokens that end a turn in common chat formats (llama.cpp treats the same set as end-of-generation).
 END_OF_TURN_TOKENS = frozenset({
@@ -74,13 +75,24 @@ class TokenizersTokenizer(Tokenizer):
         """The tokenizer.json this tokenizer runs (llguidance reads its vocabulary from it directly)."""
         return self._tok.to_str()
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        checked = check_messages(messages, add_generation_prompt)
+    @property
+    def tools_format(self) -> str | None:
+        return template_tools_format(self.chat_template)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """`tools`: offered through the template's `tools` (a template that takes them: `tools_format`)."""
+        with_tools = tools is not None or has_tool_messages(messages)
+        if with_tools and self.tools_format is None:
+            raise RequestError(f"{self.origin}: its chat template takes no tools")
+        checked = check_tool_messages(messages) if with_tools else check_messages(messages, add_generation_prompt)
+        variables = {"tools": tools} if tools is not None else {}
         if self.chat_template is None:
             raise RequestError(f"{self.origin} has no chat template, so it cannot format a chat; send plain text")
         prefill = continues_answer(checked, add_generation_prompt)
         rendered = self.chat_template.render(checked, add_generation_prompt and not prefill,
-                                             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                             **variables)
         if prefill:
             rendered = rendered.continued()
         ids = self._encode_rendered(rendered.text, rendered.content_spans)

@@ -36,6 +36,7 @@ class MistralCommonTokenizer(Tokenizer):
         self.eos_id = int(self._raw.eos_id)
         self.eos_ids = frozenset({self.eos_id})
         self.tool_calls_id = self._special("[TOOL_CALLS]")  # v3 and later: the model calls tools with it
+        self.tools_format = "mistral" if self.tool_calls_id is not None else None
         self._errors: tuple[type[Exception], ...] = (MistralCommonException, ValueError, AssertionError)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
