@@ -211,3 +211,30 @@ def test_warm_builds_the_vocabulary_in_the_background():
     assert Grammars(None, 10).warm() is None
     with pytest.raises(RequestError, match="no tokenizer"):
         Grammars(None, 10).check(StructuredOutput("regex", "a"))
+
+
+def test_preempted_constrained_sequences_keep_their_grammar(v3):
+    """A KV cache too small for the batch: constrained sequences are preempted and recomputed, their matchers
+    keep their place, and every answer equals its answer alone (and validates where it completed)."""
+    from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 30},
+                                               "n": {"type": "integer"}}, "required": ["word", "n"],
+              "additionalProperties": False}
+    params = SamplingParams(max_tokens=60, temperature=0.0, structured=StructuredOutput.json_schema(schema))
+    prompts = [v3.tokenizer.encode(f"Item {i}: give a word and a number as JSON.") for i in range(6)]
+    engine = LLMEngine(v3.model, v3.tokenizer, EngineConfig(max_model_len=128, chunk_size=16, block_size=4,
+                                                            num_blocks=24, enable_prefix_caching=False))
+    for i, p in enumerate(prompts):
+        engine.add_request(i, p, params)
+    tokens = {i: [] for i in range(6)}
+    while engine.has_unfinished():
+        for e in engine.step():
+            if e.token_id is not None:
+                tokens[e.request_id].append(e.token_id)
+    assert engine.scheduler.num_preemptions > 0
+    for i, p in enumerate(prompts):
+        (alone,) = v3.generate({"prompt_token_ids": p}, params)
+        assert tokens[i] == alone.outputs[0].token_ids
+        if alone.outputs[0].finish_reason == "stop":  # else "length": a random model may pad to max_tokens
+            jsonschema.validate(json.loads(alone.outputs[0].text), schema)
