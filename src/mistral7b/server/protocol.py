@@ -57,6 +57,20 @@ class StructuredOutputs(Strict):
     json_object: bool | None = None
 
 
+def _constraints(schema: Any, regex: str | None, choice: list[str] | None, grammar: str | None) -> list[StructuredOutput]:
+    """The constraints among vLLM's json / regex / choice / grammar fields that are set."""
+    out = []
+    if schema is not None:
+        out.append(StructuredOutput.json_schema(schema))
+    if regex is not None:
+        out.append(StructuredOutput("regex", regex))
+    if choice is not None:
+        out.append(StructuredOutput("choice", tuple(choice)))
+    if grammar is not None:
+        out.append(StructuredOutput("grammar", grammar))
+    return out
+
+
 class SamplingFields(Strict):
     """Fields both endpoints share: OpenAI's, then vLLM's extensions."""
 
@@ -99,24 +113,10 @@ class SamplingFields(Strict):
             asked.append(StructuredOutput.json_schema(spec.schema_))
         so = self.structured_outputs
         if so is not None:
-            if so.json_ is not None:
-                asked.append(StructuredOutput.json_schema(so.json_))
-            if so.regex is not None:
-                asked.append(StructuredOutput("regex", so.regex))
-            if so.choice is not None:
-                asked.append(StructuredOutput("choice", tuple(so.choice)))
-            if so.grammar is not None:
-                asked.append(StructuredOutput("grammar", so.grammar))
+            asked += _constraints(so.json_, so.regex, so.choice, so.grammar)
             if so.json_object:
                 asked.append(StructuredOutput("json_object"))
-        if self.guided_json is not None:
-            asked.append(StructuredOutput.json_schema(self.guided_json))
-        if self.guided_regex is not None:
-            asked.append(StructuredOutput("regex", self.guided_regex))
-        if self.guided_choice is not None:
-            asked.append(StructuredOutput("choice", tuple(self.guided_choice)))
-        if self.guided_grammar is not None:
-            asked.append(StructuredOutput("grammar", self.guided_grammar))
+        asked += _constraints(self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
         if len(asked) > 1:
             raise RequestError("ask for one structured output at a time (response_format, structured_outputs or "
                                "one guided_* field)")

@@ -28,6 +28,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from mistral7b.errors import RequestError
+from mistral7b.tokenizer.base import check_messages, check_tool_messages, has_tool_messages
 
 MAX_STEPS = 2_000_000  # loop iterations + calls + attribute reads in one render
 MAX_SECONDS = 5.0
@@ -232,6 +233,17 @@ def template_tools_format(template: ChatTemplate | None) -> str | None:
     if template is None or "tools" not in template.source:
         return None
     return "hermes" if "<tool_call>" in template.source else None
+
+
+def checked_chat(messages: Any, add_generation_prompt: bool, tools: list[dict[str, Any]] | None,
+                 template: ChatTemplate | None, origin: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A template tokenizer's chat checked (with tool calls and results where tools are in play) and the
+    template variables it adds (`tools`); RequestError where tools are given to a template that takes none."""
+    if tools is None and not has_tool_messages(messages):
+        return check_messages(messages, add_generation_prompt), {}
+    if template_tools_format(template) is None:
+        raise RequestError(f"{origin}: its chat template takes no tools")
+    return check_tool_messages(messages), ({"tools": tools} if tools is not None else {})
 
 
 def split_at_specials(text: str, content_spans: Sequence[tuple[int, int]],

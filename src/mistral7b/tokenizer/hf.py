@@ -19,9 +19,8 @@ import tokenizers
 
 from mistral7b.config import read_json
 from mistral7b.errors import CheckpointError, RequestError
-from mistral7b.tokenizer.base import (Tokenizer, check_messages, check_tool_messages, continues_answer,
-                                     has_tool_messages)
-from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials, template_tools_format
+from mistral7b.tokenizer.base import Tokenizer, continues_answer
+from mistral7b.tokenizer.chat_template import ChatTemplate, checked_chat, split_at_specials, template_tools_format
 
 # Control tokens that end a turn in common chat formats (llama.cpp treats the same set as end-of-generation).
 END_OF_TURN_TOKENS = frozenset({
@@ -82,11 +81,7 @@ class TokenizersTokenizer(Tokenizer):
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         """`tools`: offered through the template's `tools` (a template that takes them: `tools_format`)."""
-        with_tools = tools is not None or has_tool_messages(messages)
-        if with_tools and self.tools_format is None:
-            raise RequestError(f"{self.origin}: its chat template takes no tools")
-        checked = check_tool_messages(messages) if with_tools else check_messages(messages, add_generation_prompt)
-        variables = {"tools": tools} if tools is not None else {}
+        checked, variables = checked_chat(messages, add_generation_prompt, tools, self.chat_template, self.origin)
         if self.chat_template is None:
             raise RequestError(f"{self.origin} has no chat template, so it cannot format a chat; send plain text")
         prefill = continues_answer(checked, add_generation_prompt)

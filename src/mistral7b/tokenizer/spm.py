@@ -15,9 +15,8 @@ from typing import Any
 import sentencepiece as spm
 
 from mistral7b.errors import RequestError
-from mistral7b.tokenizer.base import (Tokenizer, check_messages, check_tool_messages, continues_answer,
-                                     has_tool_messages, sentencepiece_bytes)
-from mistral7b.tokenizer.chat_template import ChatTemplate, split_at_specials, template_tools_format
+from mistral7b.tokenizer.base import Tokenizer, continues_answer, sentencepiece_bytes
+from mistral7b.tokenizer.chat_template import ChatTemplate, checked_chat, split_at_specials, template_tools_format
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -79,16 +78,13 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         """`tools`: offered through the template's `tools` (a template that takes them: `tools_format`)."""
-        with_tools = tools is not None or has_tool_messages(messages)
-        if with_tools and self.tools_format is None:
-            raise RequestError(f"{self.origin}: its chat template takes no tools")
-        checked = check_tool_messages(messages) if with_tools else check_messages(messages, add_generation_prompt)
+        checked, variables = checked_chat(messages, add_generation_prompt, tools, self.chat_template, self.origin)
         prefill = continues_answer(checked, add_generation_prompt)
         if self.chat_template is None:
             return self._encode_mistral_v1(checked, prefill)
         rendered = self.chat_template.render(checked, add_generation_prompt and not prefill,
                                              bos_token=self._piece(self.bos_id), eos_token=self._piece(self.eos_id),
-                                             **({"tools": tools} if tools is not None else {}))
+                                             **variables)
         if prefill:
             rendered = rendered.continued()
         ids: list[int] = []
