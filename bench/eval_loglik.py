@@ -1,5 +1,5 @@
-"""Evaluation throughput: multiple-choice log-likelihoods with the shared-context pre-fill against scoring
-every (context + answer) sequence whole with `LLM.score`, and `eval perplexity` tokens/s.
+"""Evaluation throughput: multiple-choice log-likelihoods with `LLM.score_pairs` (each context pre-filled once,
+through the engine's prefix cache) against scoring every (context + answer) sequence whole with `LLM.score`.
 
 A 5-shot-like workload: N questions, each a context of C tokens with 4 answers of A tokens (random ids from
 the model's vocabulary; throughput does not depend on the words). Both paths give the same log-likelihoods
@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from mistral7b.engine.llm import LLM  # noqa: E402
-from mistral7b.eval.loglik import score_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +39,7 @@ def main() -> None:
     pairs = [(ctx, rand(a.answer)) for ctx in (rand(a.context) for _ in range(a.questions)) for _ in range(a.choices)]
 
     def shared():
-        return [s.logprob for s in score_pairs(llm.model, pairs, chunk_size=llm.chunk_size, max_len=llm.max_model_len,
-                                               max_batch_size=llm.max_batch_size)]
+        return [s.logprob for s in llm.score_pairs(pairs)]
 
     def whole():
         scores = llm.score([c + k for c, k in pairs])

@@ -13,7 +13,7 @@ import pytest
 
 from mistral7b.engine.llm import LLM
 from mistral7b.errors import RequestError
-from mistral7b.eval.loglik import rolling_windows
+from mistral7b.engine.scoring import rolling_windows
 from mistral7b.eval.perplexity import perplexity
 from tests.conftest import smollm2_path
 from tests.eval.conftest import hf_logprob

@@ -152,13 +152,15 @@ class BlockManager:
             tokens = array("q", seq.token_ids[j * bs : (j + 1) * bs]).tobytes()
             seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
 
-    def match_prefix(self, seq: Sequence) -> int:
+    def match_prefix(self, seq: Sequence, compute_from: int | None = None) -> int:
         """For a sequence with nothing computed: take the cached blocks of its longest reusable prefix, set
-        num_computed past it, and return the number of tokens skipped."""
+        num_computed past it, and return the number of tokens skipped. `compute_from`: a position that must be
+        computed (its logits are wanted), so no block holding it or later is skipped."""
         if not self.enable_prefix_caching or seq.num_computed or seq.block_table:
             return 0
         bs = self.block_size
-        limit = (seq.num_tokens - 1) // bs  # full blocks that may be skipped: the last token is always computed
+        last = seq.num_tokens - 1 if compute_from is None else min(compute_from, seq.num_tokens - 1)
+        limit = last // bs  # full blocks that may be skipped: the last token (or compute_from) is always computed
         self._hash_blocks(seq, limit)
         best, run = 0, 0
         for j in range(limit):

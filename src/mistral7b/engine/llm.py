@@ -10,7 +10,7 @@ import atexit
 import collections
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,11 +19,11 @@ from mistral7b.default_model import default_model_path
 from mistral7b.distributed.launch import WorkerSpec, end_torchrun_worker, run_worker, start_group, stop_group
 from mistral7b.model.tensor_parallel import check_shardable
 from mistral7b.engine.llm_engine import EngineConfig, LLMEngine, build_runner
-from mistral7b.engine.outputs import CompletionOutput, RequestOutput, StreamEvent
+from mistral7b.engine.outputs import PairScore, TokenScores, CompletionOutput, RequestOutput, StreamEvent
 from mistral7b.engine.generation_config import sampling_defaults
 from mistral7b.engine.processor import Processor, Prompt
+from mistral7b.engine.scoring import fit_pair
 from mistral7b.engine.sampling_params import SamplingParams
-from mistral7b.engine.scoring import TokenScores, score_tokens
 from mistral7b.errors import RequestError
 from mistral7b.runtime import allocator_for_compute, tune_allocator
 from mistral7b.loading import Checkpoint, open_checkpoint
@@ -255,15 +255,57 @@ class LLM:
             raise RequestError(f"{what} runs on one process: start without --tensor-parallel-size")
 
     def score(self, prompts: Sequence[Prompt]) -> list[TokenScores]:
-        """Log-probability of every token of each prompt given the tokens before it (no generation)."""
-        self._single_process("scoring")
+        """Log-probability of every token of each prompt given the tokens before it (no generation): scoring
+        requests of the engine (max_tokens 0 with prompt_logprobs), batched with anything else it runs."""
         ids = [self.encode_prompt(p) for p in prompts]
-        for seq in ids:
-            if len(seq) > self.max_model_len:
-                raise RequestError(f"a sequence of {len(seq)} tokens exceeds the context of {self.max_model_len}")
-        out: list[TokenScores] = []
-        for lo in range(0, len(ids), self.max_batch_size):
-            out.extend(score_tokens(self.model, ids[lo : lo + self.max_batch_size], self.chunk_size))
+        scored = self._score_ids(ids, [0] * len(ids))
+        return [TokenScores(list(seq), [lp for lp, _ in s[1:]], [rank == 1 for _, rank in s[1:]])
+                for seq, s in zip(ids, scored)]
+
+    def score_pairs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[PairScore]:
+        """log p(continuation | context) and greediness for each (context ids, continuation ids) pair, the
+        context cut from the left so that both fit `max_len` + 1 tokens (lm-eval's rule: the last token is only
+        predicted). Pairs of one context share its pre-fill through the prefix cache: the first of each context
+        runs first, the others after it. `progress(n)`: n more pairs done."""
+        max_len = min(max_len or self.max_model_len, self.max_model_len)
+        fitted = []
+        for ctx, cont in pairs:
+            if not ctx:
+                raise RequestError("a context must have at least one token (use BOS for an empty context)")
+            fitted.append(fit_pair(list(ctx), list(cont), max_len))
+        leaders: dict[tuple[int, ...], int] = {}
+        for i, (ctx, _) in enumerate(fitted):
+            leaders.setdefault(tuple(ctx), i)
+        first = sorted(leaders.values())
+        rest = [i for i in range(len(fitted)) if i not in set(first)]
+        results: list[PairScore | None] = [None] * len(fitted)
+        for wave in (first, rest):
+            if not wave:
+                continue
+            scored = self._score_ids([fitted[i][0] + fitted[i][1] for i in wave], [len(fitted[i][0]) for i in wave],
+                                     progress)
+            for i, s in zip(wave, scored):
+                tail = s[len(fitted[i][0]):]
+                results[i] = PairScore(sum(lp for lp, _ in tail), all(rank == 1 for _, rank in tail))
+        return results  # type: ignore[return-value]
+
+    def _score_ids(self, ids: list[list[int]], starts: list[int],
+                   progress: Callable[[int], None] | None = None) -> list[list[tuple[float, int]]]:
+        """(log-probability, rank) of every prompt token from `starts[i]` on (entries before it: (0.0, 1)),
+        as engine requests that generate nothing."""
+        out: list[list[tuple[float, int]]] = [[(0.0, 1)] * len(seq) for seq in ids]
+        todo = [i for i, seq in enumerate(ids) if len(seq) > max(1, starts[i])]
+        params = [SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0, prompt_logprobs_from=starts[i])
+                  for i in todo]
+        for ev in self.stream_ids([ids[i] for i in todo], params):
+            if ev.finish_reason is None:
+                continue
+            i = todo[ev.request_id]
+            lps, ranks = ev.prompt_logprobs or [], ev.prompt_ranks or []
+            out[i] = [(entry[0], rank or 1) if entry is not None else (0.0, 1) for entry, rank in zip(lps, ranks)]
+            if progress is not None:
+                progress(1)
         return out
 
     def _run(

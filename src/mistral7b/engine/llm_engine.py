@@ -221,27 +221,32 @@ class LLMEngine:
         for seq, n in batch:
             start = seq.num_computed
             want = []
-            if seq.wants_prompt_logprobs:  # rows at positions that predict a prompt token
-                want = list(range(max(0, min(n, seq.num_prompt - 1 - start))))
-            if start + n == seq.num_tokens:
+            if seq.wants_prompt_logprobs:  # rows at positions that predict a prompt token (from ..._from on)
+                lo = max(0, seq.params.prompt_logprobs_from - 1 - start)
+                want = list(range(lo, max(lo, min(n, seq.num_prompt - 1 - start))))
+            if start + n == seq.num_tokens:  # the row the next token is drawn from
                 want.append(n - 1)
             inputs.append(StepInput(seq, n, want))
         logits, first_rows = self.runner.run(inputs, self.blocks.take_new_blocks())
         ready: list[tuple[Sequence, int]] = []  # sequences to sample, and the row of their logits
+        scored: list[Sequence] = []  # prompts scored with nothing to generate (max_tokens 0)
         for inp, first in zip(inputs, first_rows):
             seq = inp.seq
             start = seq.num_computed
             seq.num_computed += inp.n
             self.blocks.commit(seq)
-            if seq.wants_prompt_logprobs:
-                self._record_prompt_logprobs(seq, start, logits[first : first + len(inp.want)].cpu())
-            if seq.num_computed == seq.num_tokens:
+            if seq.wants_prompt_logprobs and inp.want:
+                self._record_prompt_logprobs(seq, start + inp.want[0], logits[first : first + len(inp.want)])
+            if seq.params.max_tokens == 0:
+                if seq.num_computed == seq.compute_end:
+                    scored.append(seq)
+            elif seq.num_computed == seq.num_tokens:
                 ready.append((seq, first + len(inp.want) - 1))
-        if self._may_overlap(inputs, ready):
+        events: list[StreamEvent] = [e for seq in scored for e in self._finish_scored(seq)]
+        if not scored and self._may_overlap(inputs, ready):
             self._pending = self._launch_picks([seq for seq, _ in ready], _rows(logits, [row for _, row in ready]),
                                                [row for _, row in ready])
             return self._advance()
-        events: list[StreamEvent] = []
         for (seq, _), sample in zip(ready, self._choose(ready, logits)):
             events.extend(self._emit(seq, sample))
         return events
@@ -356,11 +361,13 @@ class LLMEngine:
         return _host_samples(self._draw(seqs, _rows(logits, [row for _, row in ready])), seqs)
 
     def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens after positions start .. from the step's logits rows there
+        (on the device: only the picked values, ranks and top-k come back)."""
         count = max(0, min(len(logits), seq.num_prompt - 1 - start))
         if count == 0:
             return
-        logprobs = logits[:count].log_softmax(-1)
-        targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + count])
+        logprobs = logits[:count].float().log_softmax(-1)
+        targets = upload(seq.token_ids[start + 1 : start + 1 + count], logprobs.device, torch.long)
         chosen = logprobs.gather(1, targets[:, None])
         ranks = ((logprobs > chosen).sum(-1) + 1).tolist()  # vLLM's rank: 1 + the tokens more likely
         picked = chosen[:, 0].tolist()
@@ -372,6 +379,18 @@ class LLMEngine:
             entry = list(zip(top_ids[i], top_values[i])) if top is not None else []
             seq.prompt_logprobs[start + 1 + i] = (picked[i], entry)  # type: ignore[index]
             seq.prompt_ranks[start + 1 + i] = ranks[i]  # type: ignore[index]
+
+    def _finish_scored(self, seq: Sequence) -> list[StreamEvent]:
+        """A prompt scored with nothing to generate: one last event with its log-probabilities."""
+        seq.finish_reason = "length"
+        event = StreamEvent(seq.request_id, None, "", None, "length", seq.index,
+                            num_cached_tokens=seq.num_cached_tokens)
+        event.prompt_logprobs, event.prompt_ranks, seq.prompt_logprobs_sent = seq.prompt_logprobs, seq.prompt_ranks, True
+        self.scheduler.remove(seq)
+        self._release(seq)
+        if all(s.finished for s in self.requests.get(seq.request_id, [])):
+            self.requests.pop(seq.request_id, None)
+        return [event]
 
     def _emit(self, seq: Sequence, sample: Sample) -> list[StreamEvent]:
         """Append the chosen token; the stream events it makes (and the end of the sequence, if it ends)."""

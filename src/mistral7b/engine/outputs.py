@@ -70,3 +70,20 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0
+
+
+@dataclass
+class TokenScores:
+    """A prompt scored token by token (`LLM.score`)."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # logprobs[t-1] = log p(token_ids[t] | token_ids[:t]), for t >= 1
+    greedy: list[bool]  # greedy[t-1]: token_ids[t] was the most likely token there
+
+
+@dataclass
+class PairScore:
+    """A continuation scored after its context (`LLM.score_pairs`)."""
+
+    logprob: float  # sum of log p(continuation token | everything before it)
+    greedy: bool  # every continuation token was the most likely one

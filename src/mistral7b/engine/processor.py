@@ -52,7 +52,11 @@ class PromptLimits:
             outside = [t for t in ids if not 0 <= t < vocab]
             if outside:  # vLLM refuses these too; a bias outside the vocabulary has no logit to add to
                 raise RequestError(f"{name}: token id {outside[0]} is not in [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
+        if params.max_tokens == 0 and len(prompt_ids) < 2:
+            raise RequestError("scoring a prompt (max_tokens 0) needs at least 2 tokens: the first has no "
+                               "log-probability")
+        total = len(prompt_ids) + params.max_tokens - (1 if params.max_tokens == 0 else 0)  # a scored last token
+        # is predicted, never read
         if total > self.max_model_len:
             raise RequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
@@ -122,6 +126,8 @@ class Processor:
     def fit(self, ids: Sequence[int], params: SamplingParams) -> SamplingParams:
         """Cap max_tokens to the context left (the offline API's rule); a prompt that does not fit at all is an
         error."""
+        if params.max_tokens == 0:  # a scored prompt: `check` bounds it
+            return params
         room = self.max_model_len - len(ids)
         if room < 1:
             raise RequestError(

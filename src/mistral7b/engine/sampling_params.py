@@ -28,7 +28,9 @@ class SamplingParams:
         + frequency * count. repetition_penalty: CTRL-style, over prompt and output (HF, vLLM).
     logprobs: report the chosen tokens' log-probabilities; top_logprobs: also the k most likely tokens.
     prompt_logprobs: None, or report every prompt token's log-probability with the k most likely tokens
-        (k may be 0): what `echo` with `logprobs` needs. Such a request does not reuse the prefix cache.
+        (k may be 0): what `echo` with `logprobs` needs. prompt_logprobs_from: only from this prompt position on
+        (scoring a continuation: its first token's position); the blocks wholly before it may come from the
+        prefix cache. With prompt_logprobs, max_tokens may be 0: the prompt is scored, nothing is generated.
     logit_bias: token id -> bias added to its logit, in [-100, 100].
     structured: the output must match a JSON schema, regex, choice or grammar (engine/structured_output.py).
     """
@@ -50,6 +52,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    prompt_logprobs_from: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured: StructuredOutput | None = None
 
@@ -83,7 +86,8 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise RequestError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
-        integer("max_tokens", 1, 1 << 20)
+        integer("max_tokens", 0 if self.prompt_logprobs is not None else 1, 1 << 20)
+        integer("prompt_logprobs_from", 0, 1 << 30)
         number("temperature", 0.0, 100.0)
         number("top_p", 0.0, 1.0, lo_open=True)
         integer("top_k", 0, 1 << 30)

@@ -52,7 +52,7 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def _span(self, seq: Sequence, budget: int) -> int:
-        return min(seq.num_tokens - seq.num_computed, self.config.chunk_size, budget)
+        return min(seq.compute_end - seq.num_computed, self.config.chunk_size, budget)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -92,6 +92,8 @@ class Scheduler:
                 continue
             if not seq.wants_prompt_logprobs:
                 self.blocks.match_prefix(seq)
+            elif seq.params.prompt_logprobs_from > 1:  # scored from there: what comes before may be cached
+                self.blocks.match_prefix(seq, seq.params.prompt_logprobs_from - 1)
             n = self._span(seq, budget)
             if not self.blocks.allocate(seq, n):
                 self.blocks.free(seq)

@@ -58,6 +58,12 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def compute_end(self) -> int:
+        """Tokens to compute: all of them, but a scored prompt's last (nothing is generated after it, and its
+        log-probability comes from the position before)."""
+        return self.num_tokens - 1 if self.params.max_tokens == 0 else self.num_tokens
+
+    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
 

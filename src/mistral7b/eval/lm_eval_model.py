@@ -1,7 +1,7 @@
 """lm-evaluation-harness model `mistral7b`: lm-eval's three request types served by our engine.
 
-- `loglikelihood`: lm-eval's `TemplateLM` splits (context, continuation) into ids; `score_pairs` pre-fills
-  each distinct context once and scores all its continuations from copies of that cache.
+- `loglikelihood`: lm-eval's `TemplateLM` splits (context, continuation) into ids; `LLM.score_pairs` scores
+  them as engine requests, each distinct context pre-filled once through the prefix cache.
 - `loglikelihood_rolling`: a document's tokens in windows of `max_length` (lm-eval's rule, BOS as prefix),
   scored with the same function; every token is predicted exactly once.
 - `generate_until`: `LLM.generate` in batches of equal settings, `until` as stop strings.
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mistral7b.engine.llm import LLM
 from mistral7b.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams
 from mistral7b.errors import RequestError
-from mistral7b.eval.loglik import rolling_windows, score_pairs
+from mistral7b.engine.scoring import rolling_windows
 
 DEFAULT_GEN_TOKENS = 256
 log = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ class Mistral7BLM(TemplateLM):
                            quantize=None if quantize in (None, "none") else quantize)
         if self.llm.tokenizer is None:
             raise RequestError(f"{self.llm.model_path} has no tokenizer: lm-eval sends text")
-        self.llm._single_process("lm-eval scoring")
         self.tokenizer = self.llm.tokenizer
         self.batch_size = _int_arg("batch_size", batch_size, self.llm.max_batch_size)
         self.max_length = self.llm.max_model_len
@@ -133,9 +132,8 @@ class Mistral7BLM(TemplateLM):
     # ---- the three request types --------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
-        scores = score_pairs(self.llm.model, [(ctx, cont) for _, ctx, cont in requests],
-                             chunk_size=self.llm.chunk_size, max_len=self.max_length,
-                             max_batch_size=self.batch_size, progress=bar.update)
+        scores = self.llm.score_pairs([(ctx, cont) for _, ctx, cont in requests], max_len=self.max_length,
+                                      progress=bar.update)
         bar.close()
         out = [(s.logprob, s.greedy) for s in scores]
         for (key, _, _), res in zip(requests, out):
@@ -152,8 +150,7 @@ class Mistral7BLM(TemplateLM):
                 pairs.append((ctx, cont))
                 owner.append(n)
         bar = tqdm(total=len(pairs), desc="loglikelihood_rolling", disable=disable_tqdm)
-        scores = score_pairs(self.llm.model, pairs, chunk_size=self.llm.chunk_size, max_len=self.max_length,
-                             max_batch_size=self.batch_size, progress=bar.update)
+        scores = self.llm.score_pairs(pairs, max_len=self.max_length, progress=bar.update)
         bar.close()
         totals = [0.0] * len(requests)
         for n, s in zip(owner, scores):

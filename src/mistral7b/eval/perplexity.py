@@ -3,7 +3,7 @@
 The file is tokenized once (no BOS inside: BOS is the prefix of the first window) and cut into windows
 that each read at most `max_length` tokens and predict every token exactly once (`rolling_windows`).
 With the default stride = max_length the windows are disjoint, as lm-eval's `loglikelihood_rolling`
-does; a smaller stride gives each window more context. Windows are scored in batches by `score_pairs`.
+does; a smaller stride gives each window more context. Windows are scored by the engine (`LLM.score_pairs`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from mistral7b.engine.llm import LLM
 from mistral7b.errors import RequestError
-from mistral7b.eval.loglik import rolling_windows, score_pairs
+from mistral7b.engine.scoring import rolling_windows
 
 
 @dataclass
@@ -68,8 +68,7 @@ def perplexity(llm: LLM, text: str, max_length: int | None = None, stride: int |
     windows = rolling_windows(tokens, prefix, max_length, stride)
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     start = time.perf_counter()
-    scores = score_pairs(llm.model, windows, chunk_size=llm.chunk_size, max_len=max_length,
-                         max_batch_size=llm.max_batch_size, progress=bar.update)
+    scores = llm.score_pairs(windows, max_len=max_length, progress=bar.update)
     seconds = time.perf_counter() - start
     bar.close()
     return PerplexityResult(tokens=len(tokens), bytes=len(text.encode("utf-8")), windows=len(windows),
