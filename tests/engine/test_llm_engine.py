@@ -222,9 +222,7 @@ def test_min_tokens_holds_back_stop_ids(windowed):
     assert reason == "length" or (tokens[-1] == stop_id and reason == "stop")
 
 
-def test_prompt_logprobs_equal_the_scoring_path(windowed):
-    from mistral7b.engine.scoring import score_tokens
-
+def test_prompt_logprobs_equal_the_core_path(windowed):
     prompt = make_prompts([3 * W + 5], seed=15)[0]
     engine = LLMEngine(windowed, None, EngineConfig(max_model_len=256, chunk_size=5, block_size=4))
     engine.add_request(0, prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))
@@ -232,9 +230,11 @@ def test_prompt_logprobs_equal_the_scoring_path(windowed):
     while engine.has_unfinished():
         events.extend(engine.step())
     got = next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None)
-    ref = score_tokens(windowed, [prompt], chunk_size=64)[0]
+    with torch.inference_mode():  # one pass over the whole prompt, no cache
+        logp = windowed(torch.tensor([prompt]), torch.arange(len(prompt))[None])[0].log_softmax(-1)
+    ref = logp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     assert got[0] is None and len(got) == len(prompt)
-    assert torch.allclose(torch.tensor([lp for lp, _ in got[1:]]), torch.tensor(ref.logprobs), atol=1e-4)
+    assert torch.allclose(torch.tensor([lp for lp, _ in got[1:]]), ref, atol=1e-4)
     for (lp, top), token in zip(got[1:], prompt[1:]):
         assert len(top) == 3 and top[0][1] >= lp - 1e-6
         assert (top[0][0] == token) == (abs(top[0][1] - lp) < 1e-6)

@@ -238,3 +238,31 @@ def test_preempted_constrained_sequences_keep_their_grammar(v3):
         assert tokens[i] == alone.outputs[0].token_ids
         if alone.outputs[0].finish_reason == "stop":  # else "length": a random model may pad to max_tokens
             jsonschema.validate(json.loads(alone.outputs[0].text), schema)
+
+
+def test_async_scheduling_draws_constrained_rows_after_their_grammar_has_the_last_token(v3):
+    """With async scheduling a step is launched before the last one's tokens are read; constrained rows are
+    drawn once their grammars took those tokens (the masks are filled while the step runs): the tokens equal
+    the synchronous engine's, free rows beside them included."""
+    from mistral7b.engine.llm_engine import EngineConfig, LLMEngine
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    constrained = SamplingParams(max_tokens=40, temperature=0.8, seed=4, structured=StructuredOutput.json_schema(schema))
+    free = SamplingParams(max_tokens=25, temperature=0.0)
+    prompts = [v3.tokenizer.encode(t) for t in ("One", "Two, as JSON", "Three", "Four, as JSON")]
+    runs = {}
+    for overlap in (False, True):
+        engine = LLMEngine(v3.model, v3.tokenizer, EngineConfig(max_model_len=256, async_scheduling=overlap))
+        for i, p in enumerate(prompts):
+            engine.add_request(i, p, constrained if i % 2 else free)
+        tokens = {i: [] for i in range(4)}
+        overlapped = 0
+        while engine.has_unfinished():
+            overlapped += engine._pending is not None
+            for e in engine.step():
+                if e.token_id is not None:
+                    tokens[e.request_id].append(e.token_id)
+        runs[overlap] = tokens
+        assert (overlapped > 0) == overlap
+    assert runs[True] == runs[False]

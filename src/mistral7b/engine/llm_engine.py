@@ -247,7 +247,9 @@ class LLMEngine:
             self._pending = self._launch_picks([seq for seq, _ in ready], _rows(logits, [row for _, row in ready]),
                                                [row for _, row in ready])
             return self._advance()
-        for (seq, _), sample in zip(ready, self._choose(ready, logits)):
+        drawn = list(zip([seq for seq, _ in ready], self._choose(ready, logits)))
+        self._consume(drawn)
+        for seq, sample in drawn:
             events.extend(self._emit(seq, sample))
         return events
 
@@ -297,8 +299,7 @@ class LLMEngine:
         if wanted is None:
             wanted = self.runner.graphs is not None
         return (wanted and self.runner.channel is None and len(ready) == len(inputs)
-                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs and inp.seq.matcher is None
-                        for inp in inputs))
+                and all(inp.n == 1 and not inp.seq.wants_prompt_logprobs for inp in inputs))
 
     def _launch_picks(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int], ahead: int = 0) -> PendingStep:
         """The draws of logits [n, vocab] (the step's rows `rows`) on the device, and their copy to the host,
@@ -329,6 +330,7 @@ class LLMEngine:
     def _advance(self) -> list[StreamEvent]:
         """Launch the step after the pending one if it may run ahead, then read the pending one back."""
         pending, ahead = self._pending, None
+        launched: tuple[list[Sequence], torch.Tensor, list[int]] | None = None
         assert pending is not None
         alive = [i for i, seq in enumerate(pending.seqs) if not seq.finished]
         seqs = [pending.seqs[i] for i in alive]
@@ -339,17 +341,26 @@ class LLMEngine:
                                            tokens=tokens)
             for seq in seqs:
                 seq.num_computed += 1  # its input token reaches the host below, with the pending step's picks
-            ahead = self._launch_picks(seqs, _rows(logits, rows), rows, 1)
+            if any(seq.matcher is not None for seq in seqs):
+                launched = (seqs, logits, rows)  # drawn below: the grammars need the pending step's tokens first
+            else:
+                ahead = self._launch_picks(seqs, _rows(logits, rows), rows, 1)
         if pending.done is not None:
             pending.done.synchronize()
         samples = _host_samples(pending.out, pending.seqs, pending.host)
+        live = [(seq, sample) for seq, sample in zip(pending.seqs, samples) if not seq.finished]
+        self._consume(live)  # finished or aborted after this step was launched: its row is dropped
         events: list[StreamEvent] = []
-        for seq, sample in zip(pending.seqs, samples):
-            if seq.finished:  # finished or aborted after this step was launched: its row is dropped
-                continue
+        for seq, sample in live:
             events.extend(self._emit(seq, sample))
             if not seq.finished:
                 self.blocks.commit(seq)
+        if launched is not None:  # the masks are filled while the launched step runs, then its draws
+            seqs, logits, rows = launched
+            keep = [i for i, seq in enumerate(seqs) if not seq.finished]
+            if keep:
+                ahead = self._launch_picks([seqs[i] for i in keep], _rows(logits, [rows[i] for i in keep]),
+                                           [rows[i] for i in keep], 1)
         self._pending = ahead
         return events
 
@@ -380,6 +391,12 @@ class LLMEngine:
             seq.prompt_logprobs[start + 1 + i] = (picked[i], entry)  # type: ignore[index]
             seq.prompt_ranks[start + 1 + i] = ranks[i]  # type: ignore[index]
 
+    def _consume(self, drawn: list[tuple[Sequence, Sample]]) -> None:
+        """The grammars of the constrained sequences take their drawn tokens, in parallel (llguidance)."""
+        pairs = [(seq.matcher, sample.token) for seq, sample in drawn if seq.matcher is not None]
+        if pairs:
+            self.grammars.consume(pairs)
+
     def _finish_scored(self, seq: Sequence) -> list[StreamEvent]:
         """A prompt scored with nothing to generate: one last event with its log-probabilities."""
         seq.finish_reason = "length"
@@ -404,8 +421,7 @@ class LLMEngine:
             event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             event.prompt_ranks = seq.prompt_ranks
         may_stop = seq.num_output >= p.min_tokens
-        if seq.matcher is not None:  # the grammar takes the token; once complete, the output is done
-            seq.matcher.consume_token(token)  # type: ignore[attr-defined]
+        if seq.matcher is not None:  # the grammar took the token (`_consume`); once complete, the output is done
             if seq.matcher.is_stopped() or seq.matcher.is_error():  # type: ignore[attr-defined]
                 if seq.detok is not None and token not in seq.eos_ids:
                     event.text = seq.detok.add(seq.output_ids, check_stop=False)

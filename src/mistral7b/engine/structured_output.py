@@ -206,6 +206,15 @@ class Grammars:
             raise RequestError(f"the {output.kind} constraint cannot be used: {_first_line(matcher.get_error())}")
         return matcher
 
+    def consume(self, pairs: list[tuple[Any, int]]) -> None:
+        """Each matcher takes its token; several in parallel. A token the grammar refuses leaves its matcher in
+        the error state, which ends the sequence (it cannot happen for a token drawn under its mask)."""
+        if len(pairs) == 1:
+            pairs[0][0].consume_token(pairs[0][1])
+        else:
+            self.lltokenizer()  # the executor is made with it
+            self._executor.consume_token_par(pairs)
+
     def bitmask(self, matchers: list[Any]) -> torch.Tensor:
         """The allowed ids of each row as a packed bitmask [rows, ceil(vocab / 32)] int32 on the host: bit j of
         word w allows id 32 w + j; rows without a matcher allow everything."""
