@@ -217,3 +217,25 @@ def test_every_capability_build(capability):
                            env={**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}, capture_output=True,
                            text=True)
     assert check.stdout.strip() == capability
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 33), (7, 32), (256, 32000), (3, 49152)])
+def test_masked_logits_equal_the_unpacked_mask(rows, vocab):
+    """The packed grammar bitmask applied in one pass (engine/structured_output.py): x where allowed, else -inf,
+    for words all set, all clear and mixed, and a vocabulary that is not a multiple of 32."""
+    from mistral7b.engine.structured_output import unpack_bitmask
+
+    g = torch.Generator().manual_seed(rows + vocab)
+    words = (vocab + 31) // 32
+    mask = torch.randint(-2**31, 2**31 - 1, (rows, words), generator=g, dtype=torch.int64).to(torch.int32)
+    mask[0, : words // 2] = -1
+    mask[-1, words // 2 :] = 0
+    x = torch.randn(rows, vocab, generator=g)
+    got = cpu.load().masked_logits(x, mask)
+    assert torch.equal(got, x.masked_fill(~unpack_bitmask(mask, vocab), float("-inf")))
+    assert got.data_ptr() != x.data_ptr()
+    if words > 1:
+        with pytest.raises(RuntimeError, match="words cover"):
+            cpu.load().masked_logits(x, mask[:, : words - 1].contiguous())
+    with pytest.raises(RuntimeError, match="int32"):
+        cpu.load().masked_logits(x, mask.long())

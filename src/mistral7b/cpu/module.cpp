@@ -33,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotate_store", &rotate_store, nogil(), "RoPE of q and k (apply_rotary's bits), k and v stored in their slots");
   m.def("silu_mul", &silu_mul, nogil(), "silu(gate) * up of the fused w13 output, F.silu(gate) * up's bits");
   m.def("argmax_rows", &argmax_rows, nogil(), "torch.argmax(logits, -1) of float32 rows (NaN first), vectorised");
+  m.def("masked_logits", &masked_logits, nogil(),
+        "x where the packed bitmask [rows, ceil(vocab / 32)] int32 allows (bit j of word w: id 32 w + j), else -inf; "
+        "a new tensor", py::arg("x"), py::arg("mask"));
   m.def("top_p_threshold", &top_p_threshold, nogil(),
         "per row of float32 probabilities, the largest value t with sum(probs[probs >= t]) >= top_p, by a radix "
         "select (no sort)", py::arg("probs"), py::arg("top_p"));

@@ -37,6 +37,7 @@ at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 
 // sample.cpp: per row, the largest value t with sum(probs[probs >= t]) >= top_p (probs >= t: the nucleus)
+at::Tensor masked_logits(const at::Tensor& x, const at::Tensor& mask);  // x where the packed bitmask allows, else -inf
 at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p);
 // a draw per row among the values >= limit[row], each with probability value / their sum (u[row] in [0, 1));
 // -1 for a row that keeps no positive value

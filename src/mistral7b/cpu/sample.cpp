@@ -340,3 +340,38 @@ at::Tensor top_p_threshold(const at::Tensor& probs, const at::Tensor& top_p) {
 }
 
 }  // namespace mistral7b
+
+namespace mistral7b {
+
+at::Tensor masked_logits(const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [rows, vocab]");
+  TORCH_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.is_contiguous() && mask.size(0) == x.size(0),
+              "mask: contiguous int32 [rows, words]");
+  const int64_t R = x.size(0), V = x.size(1), W = mask.size(1);
+  TORCH_CHECK(W * 32 >= V, "mask: ", W, " words cover ", W * 32, " ids, fewer than the vocabulary's ", V);
+  TORCH_CHECK(!x.is_cuda() && !mask.is_cuda(), "x, mask: CPU tensors");
+  auto out = at::empty(x.sizes(), x.options());
+  const float* src = x.data_ptr<float>();
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  float* dst = out.data_ptr<float>();
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  parallel_for(R, [&](int64_t r) {
+    const float* s = src + r * V;
+    float* d = dst + r * V;
+    const uint32_t* m = bits + r * W;
+    for (int64_t w = 0; w * 32 < V; ++w) {
+      const int64_t lo = w * 32, n = std::min<int64_t>(32, V - lo);
+      const uint32_t word = m[w];
+      if (word == 0xFFFFFFFFu) {  // all allowed (rows without a grammar, most of a string's)
+        std::copy(s + lo, s + lo + n, d + lo);
+      } else if (word == 0) {
+        std::fill(d + lo, d + lo + n, minus_inf);
+      } else {
+        for (int64_t j = 0; j < n; ++j) d[lo + j] = (word >> j) & 1u ? s[lo + j] : minus_inf;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace mistral7b

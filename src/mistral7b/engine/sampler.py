@@ -184,7 +184,11 @@ class Sampler:
         p = self.params[slots]  # [B, NUM_PARAMS]
         x = self._process(logits, p, slots)
         if allowed is not None:
-            x = x.masked_fill(~unpack_bitmask(allowed, x.shape[1]), float("-inf"))
+            native = _native_draws(x)
+            if native is not None and hasattr(native, "masked_logits"):  # one pass: 67 -> ~3 ms for 256 rows
+                x = native.masked_logits(x.contiguous(), allowed)
+            else:
+                x = x.masked_fill(~unpack_bitmask(allowed, x.shape[1]), float("-inf"))
         greedy = (p[:, TEMPERATURE] == 0) | (p[:, TOP_K] == 1)
         picks = _greedy(x, self.argmax_kernel)  # the raw logits' exact argmax where nothing processed them
         if self.uses["sampled"]:
