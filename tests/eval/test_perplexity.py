@@ -81,7 +81,9 @@ def test_command_prints_one_line_summary(tiny_mistral, tmp_path):
     assert p.returncode == 0, p.stderr
     llm = LLM(folder, dtype="float32", progress=False)
     want = perplexity(llm, TEXT, max_length=16, progress=False).perplexity
-    assert p.stdout.startswith(f"{path}: perplexity {want:.4f}") and "tokens/s" in p.stdout
+    assert p.stdout.startswith(f"{path}: perplexity ") and "tokens/s" in p.stdout
+    got = float(p.stdout.split("perplexity ")[1].split()[0])  # float32 sums may differ in the last bits by thread
+    assert got == pytest.approx(want, rel=1e-5)  # count between two processes (the engine batches the windows)
 
 
 @pytest.mark.parametrize(
