@@ -154,6 +154,24 @@ def client(a: argparse.Namespace, port: int, label: str, body: dict, concurrency
     return summary
 
 
+STALLS = ("engine_gc_pause_seconds_total", "api_gc_pause_seconds_total", "cuda_alloc_retries_total")
+
+
+def stall_counters(port: int) -> dict[str, float]:
+    """What could stall every stream at once, as the server counts it (server/pauses.py): GC pauses of its two
+    processes, the CUDA allocator's retries."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for name in STALLS:
+            if line.startswith(f"mistral7b:{name}{{"):
+                out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def server_levels(a: argparse.Namespace, model: str, out_dir: str) -> dict:
     port, results = 8800 + os.getpid() % 100, {}
     proc = start_server(a, model, port, os.path.join(out_dir, "serve_gpu_server.log"))
@@ -174,12 +192,17 @@ def server_levels(a: argparse.Namespace, model: str, out_dir: str) -> dict:
                 spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-d", "20", "-r", "100", "-f", "raw", "--nonblocking",
                                         "--threads", "-o", os.path.join(out_dir, "serve_gpu_pyspy.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = stall_counters(port)
             results[label] = client(a, port, label, body, concurrency, prompts, json_out, proc.pid)
+            after = stall_counters(port)
             if spy is not None:
                 spy.wait(timeout=120)
             r = results[label]
+            r["stalls"] = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in STALLS}
             log(f"server {label}: {r['output_throughput']:,.0f} output tok/s, TTFT p99 {r['ttft_ms']['p99']:.0f} ms, "
-                f"ITL median / p99 {r['itl_ms']['median']:.1f} / {r['itl_ms']['p99']:.1f} ms")
+                f"ITL median / p99 {r['itl_ms']['median']:.1f} / {r['itl_ms']['p99']:.1f} ms; GC engine / API "
+                f"{r['stalls'][STALLS[0]]:.2f} / {r['stalls'][STALLS[1]]:.2f} s, allocator retries "
+                f"{r['stalls'][STALLS[2]]:.0f}")
     finally:
         proc.terminate()
         proc.wait(timeout=120)

@@ -84,6 +84,9 @@ def test_metrics_count_requests_and_tokens(tiny_model, tmp_path):
         assert m["mistral7b:inter_token_latency_seconds_count"] == R * (T - 1)
         assert m["mistral7b:e2e_request_latency_seconds_count"] == R
         assert m["mistral7b:prompt_tokens_total"] > 0
+        # what could stall every stream: both processes' GC pauses (counted from the start), allocator retries
+        assert m["mistral7b:engine_gc_pause_seconds_total"] >= 0 and m["mistral7b:api_gc_pause_seconds_total"] >= 0
+        assert m["mistral7b:cuda_alloc_retries_total"] == 0  # a CPU server has no CUDA allocator
         text = httpx.get(s.url + "/metrics").text
         assert f'mistral7b:request_success_total{{finished_reason="length",model_name="{name}"}} 5.0' in text
         samples = [line for line in text.splitlines() if line.startswith("mistral7b:")]

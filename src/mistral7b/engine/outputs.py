@@ -70,6 +70,8 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0
+    gc_seconds: float = 0.0  # the engine process's garbage-collection pauses so far (server/pauses.py)
+    cuda_alloc_retries: int = 0  # the CUDA caching allocator's retries so far
 
 
 @dataclass

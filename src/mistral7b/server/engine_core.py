@@ -14,12 +14,15 @@ used it, and its workers keep spinning, so a second thread computing beside it r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from mistral7b.engine.llm_engine import LLMEngine
+from mistral7b.engine.outputs import EngineStats
+from mistral7b.server import pauses
 from mistral7b.server.messages import (AbortRequest, AddRequest, Call, CallResult, EngineDied, ErrorInfo,
                                        RequestFailed, Shutdown, StepOutput)
 
@@ -32,6 +35,13 @@ class EngineCore:
         """`operations`: what the API side may `Call` by name (moderation: server/runner.py)."""
         self.engine, self.conn, self.operations = engine, conn, operations or {}
         self.error: BaseException | None = None
+        pauses.install()
+        self.retries = pauses.AllocRetries(engine.runner.device)
+
+    def _stats(self) -> EngineStats:
+        """The engine's gauges, with what could have stalled it: its process's GC pauses, allocator retries."""
+        return dataclasses.replace(self.engine.stats(), gc_seconds=pauses.gc_seconds(),
+                                   cuda_alloc_retries=self.retries.read())
 
     def run(self) -> None:
         """Serve until a `Shutdown` or until the API side closes its end (its process ended). A failing step
@@ -43,9 +53,9 @@ class EngineCore:
                 if received and not self._receive():
                     break
                 if engine.has_unfinished():
-                    self._send(StepOutput(engine.step(), engine.stats()))
+                    self._send(StepOutput(engine.step(), self._stats()))
                 elif received:  # no step (the last request aborted, a call): the gauges still move
-                    self._send(StepOutput([], engine.stats()))
+                    self._send(StepOutput([], self._stats()))
         except (EOFError, BrokenPipeError, ConnectionResetError):  # the API process is gone: nothing to serve
             log.info("the API server's process closed its connection; the engine stops")
         except Exception as e:  # noqa: BLE001 - the failure is reported to every request and to /health

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily
 from collections.abc import Callable
 
 from mistral7b.engine.outputs import EngineStats
+from mistral7b.server import pauses
 
 PREFIX = "mistral7b:"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -22,7 +23,8 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 
 
 class _EngineCounters:
-    """Counters the engine keeps itself (preemptions, prefix cache), exposed at scrape time."""
+    """Counters the engine keeps itself (preemptions, prefix cache, what could stall it), exposed at scrape time;
+    and this (the API) process's own garbage-collection pauses."""
 
     def __init__(self, stats: Callable[[], EngineStats], model_name: str):
         self.stats, self.model_name = stats, model_name
@@ -32,7 +34,13 @@ class _EngineCounters:
         for name, doc, value in (
                 ("num_preemptions", "Sequences preempted (freed and recomputed).", stats.num_preemptions),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
-                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)):
+                ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
+                ("engine_gc_pause_seconds", "Seconds the engine's process spent in garbage collection.",
+                 stats.gc_seconds),
+                ("api_gc_pause_seconds", "Seconds the API server's process spent in garbage collection.",
+                 pauses.gc_seconds()),
+                ("cuda_alloc_retries", "The CUDA caching allocator's retries (all cached memory freed, then "
+                 "allocated again).", stats.cuda_alloc_retries)):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family

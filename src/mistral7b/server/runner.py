@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mistral7b.engine.generation_config import NEUTRAL, SamplingDefaults
 from mistral7b.engine.processor import PromptLimits
 from mistral7b.errors import Mistral7BError
+from mistral7b.server import pauses
 from mistral7b.server.engine_core import EngineCore
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ def api_process(conn: Connection, spec: ApiServerSpec) -> None:
     logging.basicConfig(level=spec.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     processor = Processor(checkpoint_tokenizer(open_checkpoint(spec.model_path)), spec.limits, spec.model_path)
     processor.grammars.warm()
+    pauses.install()  # this process's GC pauses, reported in /metrics
 
     def on_dead() -> None:  # the engine failed or its process ended: nothing more can be served
         server.should_exit = True
