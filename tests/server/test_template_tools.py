@@ -146,3 +146,29 @@ def test_hermes_parse_takes_only_whole_blocks():
     assert tools.parse([1], block.replace("get_weather", "format_disk")) is None
     assert tools.starts([1], "<tool_") is None and tools.starts([1], "Hello") is False
     assert tools.starts([1], "  <tool_call>{") is True
+
+
+def test_a_separate_tool_use_template_is_the_one_tools_go_through(hermes_folder, tmp_path):
+    """tokenizer_config.json listing a "default" template without tools and a "tool_use" one: chats with tools
+    render through the latter (as transformers picks it), chats without through the former."""
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    from mistral7b.tokenizer.hf import load_hf_folder
+
+    folder = tmp_path / "named"
+    shutil.copytree(hermes_folder, folder)
+    plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    config = {"chat_template": [{"name": "default", "template": plain}, {"name": "tool_use", "template": TEMPLATE}],
+              "eos_token": "<|im_end|>", "bos_token": None, "add_bos_token": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_hf_folder(str(folder))
+    assert ours.tools_format == "hermes"
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for tools, template in ((TOOLS, TEMPLATE), (None, plain)):
+        want = reference.apply_chat_template(MESSAGES, tools=tools, chat_template=template,
+                                             add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert ours.encode_chat(MESSAGES, tools=tools) == list(want)

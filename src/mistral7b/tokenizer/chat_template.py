@@ -159,9 +159,12 @@ class RenderedChat:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, origin: str = "chat template"):
+    def __init__(self, source: str, origin: str = "chat template", tool_use: str | None = None):
+        """`tool_use`: the model's separate template for chats with tools (Hugging Face's named "tool_use"
+        template, GGUF's tokenizer.chat_template.tool_use), rendered instead when tools are given."""
         self.source = source
         self.origin = origin
+        self.tool_use = ChatTemplate(tool_use, f"{origin} (tool_use)") if tool_use else None
         self._error: str | None = None
         try:
             self._template: jinja2.Template | None = _make_environment().from_string(source)
@@ -198,6 +201,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool, **variables: Any) -> RenderedChat:
         """The rendered text and where each message content sits in it (RequestError if the template alters it)."""
+        if variables.get("tools") is not None and self.tool_use is not None:
+            return self.tool_use.render(messages, add_generation_prompt, **variables)
         real = self.render_text(messages, add_generation_prompt, **variables)
         nonce = secrets.token_hex(8)
         texts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)]  # not a call's None
@@ -230,6 +235,8 @@ class ChatTemplate:
 def template_tools_format(template: ChatTemplate | None) -> str | None:
     """The call format of a template that takes `tools`: "hermes" where it writes <tool_call> blocks (Hermes,
     Qwen, SmolLM3 and others), else None (no tool calling through it)."""
+    if template is not None and template.tool_use is not None:
+        template = template.tool_use
     if template is None or "tools" not in template.source:
         return None
     return "hermes" if "<tool_call>" in template.source else None

@@ -33,7 +33,9 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
     if len(types) != n:
         raise CheckpointError(f"{_ORIGIN}: {len(types)} token types for {n} tokens")
     source = meta.get("tokenizer.chat_template")
-    template = ChatTemplate(source, f"{_ORIGIN} chat template") if isinstance(source, str) and source else None
+    tool_use = meta.get("tokenizer.chat_template.tool_use")  # llama.cpp's name for a named template
+    template = (ChatTemplate(source, f"{_ORIGIN} chat template", tool_use=tool_use if isinstance(tool_use, str) else None)
+                if isinstance(source, str) and source else None)
     if model == "llama":
         return _sentencepiece(meta, tokens, types, template)
     if model == "gpt2":

@@ -118,15 +118,18 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _template_source(folder: str, config: dict[str, Any]) -> str | None:
+def _template_source(folder: str, config: dict[str, Any], name: str = "default") -> str | None:
+    """The folder's chat template, or its named variant ("tool_use") where tokenizer_config.json lists them."""
     jinja_file = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(jinja_file):
+    if name == "default" and os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as f:
             return f.read()
     source = config.get("chat_template")
     if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-        source = named.get("default")
+        source = named.get(name)
+    elif name != "default":
+        return None
     return source if isinstance(source, str) else None
 
 
@@ -150,6 +153,7 @@ def load_hf_folder(folder: str) -> TokenizersTokenizer:
         value = read_json(gen_path).get("eos_token_id")
         extra_eos = [value] if isinstance(value, int) else [v for v in value or [] if isinstance(v, int)]
     source = _template_source(folder, config)
-    template = ChatTemplate(source, f"{folder}: chat template") if source else None
+    template = (ChatTemplate(source, f"{folder}: chat template", tool_use=_template_source(folder, config, "tool_use"))
+                if source else None)
     return TokenizersTokenizer(tok, bos_token=bos, eos_tokens=[eos] if eos else [], add_bos=bool(add_bos),
                                chat_template=template, origin=folder, extra_eos_ids=extra_eos)
