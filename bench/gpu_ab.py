@@ -15,7 +15,8 @@ same minute (machines differ by a few percent in their ceilings, so comparisons 
   (DecodeTuning.rope_in_gemv); and the kernels of two sessions ago (norms apart, SwiGLU in w2,
   16 splits, and the last two sessions' step-end changes off). Every variant is an engine built with its own
   DecodeTuning (kernels/tuning.py): nothing is patched. (The output projection's tile, swept before and after
-  its norm was folded in, was an A/B of kernels/gemv.CONFIGS' table; its result is in bench/README.md.) The tokens of each variant are compared with the
+  its norm was folded in, was an A/B of kernels/gemv.CONFIGS' table; its result is in bench/README.md.) The
+  tokens of each variant are compared with the
   first's (PDL must not change one; the others may flip bf16 near-ties on random weights);
 - 256 requests of 512 in / 256 out: the copies and picks around the graph (zero_copy off), also with
   PyTorch's argmax, and unsplit decode attention tiles with 2 warps rather than 1

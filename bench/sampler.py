@@ -1,4 +1,5 @@
-"""The batched sampler's step time by request kind and candidate method, beside Hugging Face's warpers + torch.multinomial
+"""The batched sampler's step time by request kind and candidate method, beside Hugging Face's warpers +
+torch.multinomial
 (the peer: what `transformers.generate` does a step) and the floor (reading the logits once at the device's copy rate).
 
 Logits: rows of a Mistral-sized vocabulary (32,768) drawn as a real model's look (a few tokens well ahead, a long

@@ -389,7 +389,8 @@ async def send_request(session, url, headers, body, chat, sent_prompt_tokens, t0
                 data = json.loads(payload)
                 if "error" in data and not data.get("choices"):
                     err = data["error"]
-                    res.error = "stream error: " + (err.get("message", str(err)) if isinstance(err, dict) else str(err))[:160]
+                    message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    res.error = "stream error: " + message[:160]
                     return res
                 now = time.perf_counter()
                 for choice in data.get("choices") or []:

@@ -189,7 +189,8 @@ def server_levels(a: argparse.Namespace, model: str, out_dir: str) -> dict:
         for label, body, concurrency, prompts in levels:
             spy = None
             if a.profile and label == "greedy":
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-d", "20", "-r", "100", "-f", "raw", "--nonblocking",
+                spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-d", "20", "-r", "100", "-f", "raw",
+                                        "--nonblocking",
                                         "--threads", "-o", os.path.join(out_dir, "serve_gpu_pyspy.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = stall_counters(port)
@@ -259,7 +260,8 @@ def main() -> None:
     with open(out_path, "w") as f:
         json.dump(r, f, indent=2)
     base = r.get("engine", {}).get("engine_greedy")
-    print(f"\n## serve_gpu ({r['device']}, {r['date']}, {a.requests} requests of {a.input_len} in / {a.output_len} out, "
+    print(f"\n## serve_gpu ({r['device']}, {r['date']}, {a.requests} requests of {a.input_len} in / "
+          f"{a.output_len} out, "
           f"{a.concurrency} concurrent clients)\n")
     print("| path | output tok/s | vs engine greedy | TTFT p99 ms | ITL median / p99 ms |")
     print("|---|---|---|---|---|")

@@ -21,7 +21,8 @@ import torch
 
 from mistral7b.cpu import build
 
-FILES = ["tests/cpu/test_ops.py", "tests/cpu/test_quant.py", "tests/cpu/test_threads.py", "tests/model/test_quantize.py",
+FILES = ["tests/cpu/test_ops.py", "tests/cpu/test_quant.py", "tests/cpu/test_threads.py",
+         "tests/model/test_quantize.py",
          "tests/model/test_cpu_decode.py",
          "tests/engine/test_default_path.py", "tests/cpu/test_build.py::test_loads_the_build_of_the_capability_in_use"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -184,7 +184,8 @@ def test_other_shapes_stay_on_the_pytorch_path(head_dim, heads):
     cache = make_cache(*heads, window=None, block_size=16, head_dim=head_dim)
     assert cache.name != "cpu_native"
     with pytest.raises(RuntimeError, match="head_dim a multiple of"):
-        cpu.load().decode_attention(torch.zeros(1, heads[0], head_dim, dtype=torch.bfloat16), cache.cache.k[0], cache.cache.v[0],
+        cpu.load().decode_attention(torch.zeros(1, heads[0], head_dim, dtype=torch.bfloat16), cache.cache.k[0],
+                                    cache.cache.v[0],
                                     torch.ones(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
                                     torch.ones(1, dtype=torch.int32), 0, 1.0)
 
@@ -203,13 +204,13 @@ def test_engine_greedy_tokens_with_and_without_the_extension(monkeypatch, dtype)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 30, 61)]
     params = [SamplingParams(max_tokens=n, temperature=0, logprobs=True) for n in (40, 25, 12)]
     outs = {}
-    for attention in ("auto", "torch"):
-        if attention == "torch":  # the extension's norms off too: the plain PyTorch model
+    for kind in ("auto", "torch"):
+        if kind == "torch":  # the extension's norms off too: the plain PyTorch model
             monkeypatch.setattr(forward_plans, "choose", lambda *a, **k: None)
-        outs[attention], engine = engine_generate(model, prompts, params, attention=attention, block_size=8,
-                                                  enable_prefix_caching=False)
-        assert (engine.attention.name == "cpu_native") == (attention == "auto")
-        assert (model.plans is None) == (attention == "torch")
+        outs[kind], engine = engine_generate(model, prompts, params, attention=kind, block_size=8,
+                                             enable_prefix_caching=False)
+        assert (engine.attention.name == "cpu_native") == (kind == "auto")
+        assert (model.plans is None) == (kind == "torch")
     if dtype == torch.bfloat16 and onednn_bf16_is_avx512():
         assert outs["auto"] == outs["torch"]
         return

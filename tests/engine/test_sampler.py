@@ -180,7 +180,8 @@ def test_presence_and_frequency_penalties_follow_openai_and_count_draws():
 def test_logit_bias_bans_until_min_tokens_and_raw_top_logprobs():
     logits = logits_row(5)
     best, second = logits.topk(2).indices.tolist()
-    params = [SamplingParams(temperature=0, logit_bias={best: -100.0}), SamplingParams(temperature=0, logit_bias={7: 100.0}),
+    params = [SamplingParams(temperature=0, logit_bias={best: -100.0}),
+              SamplingParams(temperature=0, logit_bias={7: 100.0}),
               SamplingParams(temperature=0, min_tokens=2, logprobs=True, top_logprobs=3), SamplingParams(temperature=0)]
     s, slots = sampler_for(params, banned=[best])
     out = s.sample(logits.expand(4, -1).contiguous(), slots, logprobs=True, top_logprobs=3)

@@ -248,7 +248,8 @@ def test_async_scheduling_draws_constrained_rows_after_their_grammar_has_the_las
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
               "required": ["a", "b"], "additionalProperties": False}
-    constrained = SamplingParams(max_tokens=40, temperature=0.8, seed=4, structured=StructuredOutput.json_schema(schema))
+    constrained = SamplingParams(max_tokens=40, temperature=0.8, seed=4,
+                                 structured=StructuredOutput.json_schema(schema))
     free = SamplingParams(max_tokens=25, temperature=0.0)
     prompts = [v3.tokenizer.encode(t) for t in ("One", "Two, as JSON", "Three", "Four, as JSON")]
     runs = {}

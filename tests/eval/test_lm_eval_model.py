@@ -151,7 +151,8 @@ def test_lm_eval_command_line_with_our_model(tiny_mistral, tmp_path):
     tasks = write_task(tmp_path / "tasks", "local_mc_cli", rows, MC_CONFIG)
     direct = evaluate(Mistral7BLM(model=folder, dtype="float32"), tasks, "local_mc_cli")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "mistral7b", "eval", "lm-eval", "run", "--model", "mistral7b", "--model_args",
+    p = subprocess.run([sys.executable, "-m", "mistral7b", "eval", "lm-eval", "run", "--model", "mistral7b",
+                        "--model_args",
                         f"model={folder},dtype=float32", "--tasks", "local_mc_cli", "--include_path", tasks,
                         "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                        env=env)

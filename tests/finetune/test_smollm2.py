@@ -1,5 +1,6 @@
 """A quick LoRA run on the embedded SmolLM2 (GGUF base, chat template, tied embeddings): the loss falls and the
-adapter maps back onto our module names. The minutes-long version that checks held-out answers is bench/finetune_cpu.py."""
+adapter maps back onto our module names. The minutes-long version that checks held-out answers is
+bench/finetune_cpu.py."""
 
 from __future__ import annotations
 

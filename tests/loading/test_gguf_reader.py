@@ -36,7 +36,8 @@ def test_metadata_and_tensors_equal_ggufreader():
         assert a.name == b.name and a.tensor_type == b.tensor_type.name
         assert a.shape == tuple(int(d) for d in reversed(b.shape.tolist()))
         assert a.data_offset == b.data_offset and a.n_bytes == b.n_bytes
-        assert np.array_equal(np.asarray(a.data).reshape(-1).view(np.uint8), np.asarray(b.data).reshape(-1).view(np.uint8))
+        assert np.array_equal(np.asarray(a.data).reshape(-1).view(np.uint8),
+                              np.asarray(b.data).reshape(-1).view(np.uint8))
 
 
 def test_cut_header_is_one_error_line(tmp_path):

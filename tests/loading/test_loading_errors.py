@@ -132,7 +132,8 @@ def test_unknown_hf_architecture(tmp_path):
 
 def test_unknown_gguf_architecture(tmp_path, tiny_args):
     path = tmp_path / "gemma.gguf"
-    write_raw_gguf(path, "gemma", llama_meta(tiny_args, "gemma"), {"token_embd.weight": np.zeros((128, 64), np.float32)})
+    write_raw_gguf(path, "gemma", llama_meta(tiny_args, "gemma"),
+                   {"token_embd.weight": np.zeros((128, 64), np.float32)})
     message = error_of(path)
     assert str(path) in message and "unsupported architecture 'gemma'" in message
 

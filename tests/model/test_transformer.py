@@ -79,7 +79,8 @@ def test_packed_segments_equal_separate_passes(hf_checkpoint):
     _, folder = hf_checkpoint(args)
     ours = load_ours(folder)
     g = torch.Generator().manual_seed(4)
-    a, b = torch.randint(0, args.vocab_size, (1, 9), generator=g), torch.randint(0, args.vocab_size, (1, 7), generator=g)
+    a = torch.randint(0, args.vocab_size, (1, 9), generator=g)
+    b = torch.randint(0, args.vocab_size, (1, 7), generator=g)
     packed = torch.cat([a, b], 1)
     positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
     segments = torch.tensor([[0] * 9 + [1] * 7])

@@ -79,7 +79,8 @@ def test_openai_shaped_response(moderator):
     r = moderation_response(moderator, {"input": [text, {"type": "text", "text": "Tell me a joke."},
                                                   {"prompt": "Hi", "answer": "Hello!"}],
                                         "categories": [m.label]})
-    assert r["id"].startswith("modr-") and r["model"] == os.path.basename(moderator.llm.model_path) and len(r["results"]) == 3
+    assert r["id"].startswith("modr-") and len(r["results"]) == 3
+    assert r["model"] == os.path.basename(moderator.llm.model_path)
     first = r["results"][0]
     assert set(first) >= {"flagged", "categories", "category_scores"}
     assert first["flagged"] is True and first["categories"][m.label] is True

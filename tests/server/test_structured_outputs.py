@@ -81,7 +81,8 @@ def test_regex_choice_and_json_object_fields(server, stream):
             return client.completions.create(**kw).choices[0].text
         return "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
 
-    assert re.fullmatch(r"[A-Z][a-z]{2,5}-[0-9]{2}", complete(structured_outputs={"regex": r"[A-Z][a-z]{2,5}-[0-9]{2}"}))
+    pattern = r"[A-Z][a-z]{2,5}-[0-9]{2}"
+    assert re.fullmatch(pattern, complete(structured_outputs={"regex": pattern}))
     assert re.fullmatch(r"(yes|no)!", complete(guided_regex=r"(yes|no)!"))
     assert complete(structured_outputs={"choice": ["cat", "dog", "parrot"]}) in ("cat", "dog", "parrot")
     assert complete(guided_choice=["left", "right"]) in ("left", "right")

@@ -27,7 +27,8 @@ MISTRAL_V1_TEMPLATE = (
     "{% set loop_messages = messages[1:] %}"
     "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
     "{{ bos_token }}{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 

@@ -1,6 +1,7 @@
 """Extra `mistral7b` sub-commands, one module each (serve, finetune, eval, moderate, ...).
 
-Each command's module defines `register(subparsers) -> None` (options.py holds the options they share), adding its parser with `set_defaults(func=...)`, where
+Each command's module defines `register(subparsers) -> None` (options.py holds the options they share), adding
+its parser with `set_defaults(func=...)`, where
 func(args) returns an exit status. Modules must import heavy dependencies inside func, so `--help` stays fast.
 """
 

@@ -107,7 +107,7 @@ def build(cap: str | None = None, verbose: bool = False) -> Path:
     if out.exists():
         return out
     if shutil.which(_compiler()) is None:
-        raise RuntimeError(f"no C++ compiler (g++ or $CXX)")
+        raise RuntimeError("no C++ compiler (g++ or $CXX)")
     BUILD_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:  # compile aside, then rename: never a half file
         objects = [Path(tmp) / f"{Path(s).stem}.o" for s in SOURCES]

@@ -258,7 +258,8 @@ class LLMEngine:
         """Greedy with nothing that changes the logits or asks for more than the pick: what a decode graph's own
         argmax gives exactly. `ahead`: tokens the sequence will have gained by the time the pick is read."""
         p = seq.params
-        return (p.greedy and seq.matcher is None and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+        return (p.greedy and seq.matcher is None and not p.logit_bias and p.repetition_penalty == 1.0
+                and not p.presence_penalty
                 and not p.frequency_penalty and not p.top_logprobs and seq.num_output + ahead >= p.min_tokens)
 
     # ---- sampling ------------------------------------------------------------------------------------
@@ -402,7 +403,8 @@ class LLMEngine:
         seq.finish_reason = "length"
         event = StreamEvent(seq.request_id, None, "", None, "length", seq.index,
                             num_cached_tokens=seq.num_cached_tokens)
-        event.prompt_logprobs, event.prompt_ranks, seq.prompt_logprobs_sent = seq.prompt_logprobs, seq.prompt_ranks, True
+        event.prompt_logprobs, event.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
+        seq.prompt_logprobs_sent = True
         self.scheduler.remove(seq)
         self._release(seq)
         if all(s.finished for s in self.requests.get(seq.request_id, [])):

@@ -1,7 +1,8 @@
 """The model runner: one scheduled step in, the logits rows the engine asked for out.
 
 It lays the step's tokens out flat ([1, N]: decodes first, then each pre-fill chunk), has the attention backend
-build its metadata, zeroes newly handed-out blocks where the backend needs it, runs the model once, and returns float32 logits on
+build its metadata, zeroes newly handed-out blocks where the backend needs it, runs the model once, and returns
+float32 logits on
 the model's device for the requested tokens only (the output matmul is skipped for the rest). A step of
 decodes alone on a GPU replays a CUDA graph instead (engine/cuda_graphs.py).
 """

@@ -133,7 +133,9 @@ class Processor:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens, which leaves no room in the context of {self.max_model_len}"
             )
-        return dataclasses.replace(params, max_tokens=min(params.max_tokens, room)) if params.max_tokens > room else params
+        if params.max_tokens <= room:
+            return params
+        return dataclasses.replace(params, max_tokens=room)
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         self.limits.check(prompt_ids, params)

@@ -106,7 +106,8 @@ class SamplingParams:
             raise RequestError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
-                raise RequestError(f"stop: each entry must be a non-empty string of at most {MAX_STOP_LENGTH} characters")
+                raise RequestError(f"stop: each entry must be a non-empty string of at most {MAX_STOP_LENGTH} "
+                                   "characters")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise RequestError(f"stop_token_ids: each entry must be a non-negative integer, got {t!r}")

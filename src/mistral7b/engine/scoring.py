@@ -26,7 +26,8 @@ def fit_pair(context: list[int], continuation: list[int], max_len: int) -> tuple
     return context[-keep:], continuation
 
 
-def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int,
+                    stride: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) windows that predict every token of `tokens` once, from a `prefix` token.
 
     Each window reads at most `max_len` tokens. With stride = max_len (the default) windows are disjoint

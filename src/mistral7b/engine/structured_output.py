@@ -194,7 +194,8 @@ class Grammars:
         grammar = output.grammar()
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer())
         if failed:
-            raise RequestError(f"the {output.kind} constraint cannot be compiled: {_first_line(messages[0] if messages else '')}")
+            reason = _first_line(messages[0] if messages else "")
+            raise RequestError(f"the {output.kind} constraint cannot be compiled: {reason}")
         return grammar
 
     def matcher(self, output: StructuredOutput) -> Any:

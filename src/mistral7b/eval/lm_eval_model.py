@@ -186,7 +186,8 @@ class Mistral7BLM(TemplateLM):
             ids = self.tok_encode(context)
             room = self.max_length - params.max_tokens
             if room < 1:
-                raise RequestError(f"max_gen_toks={params.max_tokens} leaves no room in the context of {self.max_length}")
+                raise RequestError(f"max_gen_toks={params.max_tokens} leaves no room in the context of "
+                                   f"{self.max_length}")
             prompts.append(ids[-room:])
             settings.append((params, until))
         # Longest prompts first: equal lengths share batches, and running out of memory happens early.

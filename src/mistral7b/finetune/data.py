@@ -148,7 +148,8 @@ def read_jsonl(path: str, tok: Tokenizer, seq_len: int, skip_bad: bool = False) 
             continue
         except Exception as e:  # mistral-common's validation errors have many types
             if not skip_bad:
-                raise DataError(f"{path}: line {n}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                detail = str(e).splitlines()[0] if str(e) else ""
+                raise DataError(f"{path}: line {n}: {type(e).__name__}: {detail}") from None
             skipped += 1
             continue
         examples.extend(found)

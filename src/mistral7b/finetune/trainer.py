@@ -109,7 +109,8 @@ def _checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.__class__.forward.__get__(block), use_reentrant=False)
 
 
-def _token_loss(model, batch: dict[str, torch.Tensor], device: torch.device, autocast: bool) -> tuple[torch.Tensor, int]:
+def _token_loss(model, batch: dict[str, torch.Tensor], device: torch.device,
+                autocast: bool) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over loss tokens, number of loss tokens) of one micro-batch. Logits are computed at
     the loss positions only (logits_index): a chat's loss is on its answers, and the output matmul and the
     [tokens, vocab] float logits of every prompt and padding position were most of a CPU step's time and memory."""

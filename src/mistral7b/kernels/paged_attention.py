@@ -17,7 +17,8 @@ here reads a value back to the host. With programmatic dependent launch (one-tok
 step's metadata is read before the wait for the kernel before (batch 1 on an H200: 8.4 -> 7.7 us a layer,
 259.6 -> 260.8 tok/s, with each split's values loaded with its keys, which alone is within noise), and a
 split's first key block of earlier steps is loaded before it too: only this step's kernels write the new
-tokens' rows, which are loaded again after the wait (DecodeTuning.kv_before_wait; same-process A/B 265.8 -> 268.5 tok/s).
+tokens' rows, which are loaded again after the wait (DecodeTuning.kv_before_wait; same-process A/B 265.8 ->
+268.5 tok/s).
 `reference_paged_attention` is the same computation in PyTorch, the oracle of the tests (which also run the
 kernel itself under TRITON_INTERPRET=1 on a CPU).
 """
@@ -214,11 +215,11 @@ if triton is not None:
         ok = sp < SPLITS
         flat = (sp * n_tokens + t) * n_heads + h
         m = tl.load(stat_ptr + flat, mask=ok, other=-1.0e30)
-        l = tl.load(stat_ptr + SPLITS * n_tokens * n_heads + flat, mask=ok, other=0.0)
+        total = tl.load(stat_ptr + SPLITS * n_tokens * n_heads + flat, mask=ok, other=0.0)
         w = tl.exp2(m - tl.max(m, 0))  # the maxima are of base-2 scores
         d = tl.arange(0, D)
         acc = tl.load(part_ptr + flat[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.maximum(tl.sum(l * w, 0), 1e-30)
+        out = tl.sum(acc * w[:, None], 0) / tl.maximum(tl.sum(total * w, 0), 1e-30)
         tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 

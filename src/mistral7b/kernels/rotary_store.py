@@ -3,7 +3,8 @@
 In plain PyTorch this is about ten kernels per layer (splits, float casts, complex views, a multiply, casts
 back, two transposed index copies); at batch 1 each costs a launch of a few microseconds, which adds up to
 a tenth of a decode step of a 7B model. Here each program takes HEADS q, k or v heads of one token (6
-programs a token for Mistral), loading and storing whole rows and pairing the rotated halves in registers. One program per head was 5x slower than the bytes allow on an
+programs a token for Mistral), loading and storing whole rows and pairing the rotated halves in registers. One
+program per head was 5x slower than the bytes allow on an
 H200 for an 8K-token pre-fill chunk (240 us a layer: 400K programs of 256 bytes). The rotation is
 Mistral's (interleaved pairs, model/rope.py), with angles in float32 from the absolute positions.
 """

@@ -74,7 +74,8 @@ def save_native(folder: str, args: ModelArgs, state: Mapping[str, torch.Tensor])
     _write_json(os.path.join(folder, "params.json"), args.to_params_json())
 
 
-def save_hf(folder: str, args: ModelArgs, state: Mapping[str, torch.Tensor], max_shard_bytes: int | None = None) -> None:
+def save_hf(folder: str, args: ModelArgs, state: Mapping[str, torch.Tensor],
+            max_shard_bytes: int | None = None) -> None:
     """config.json + model.safetensors (or shards + model.safetensors.index.json), HF names, q/k permuted."""
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in _checked_state(args, state).items():

@@ -58,7 +58,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     if room < 1:
         raise RequestError(f"this model's maximum context length is {state.max_model_len} tokens; the messages "
                            f"take {len(ids)}")
-    params = body.sampling_params(max_tokens, state.sampling_defaults, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    params = body.sampling_params(max_tokens, state.sampling_defaults, logprobs=body.logprobs,
+                                  top_logprobs=body.top_logprobs or 0)
     if tools is not None:
         params = with_tools(params, tools)
     state.processor.check(ids, params)

@@ -102,7 +102,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     for i, text in enumerate(texts):
         if body.echo:
             for k in range(body.n):
-                choices[i * body.n + k].text = text if text is not None else state.processor.tokenizer.decode(prompts[i])
+                shown = text if text is not None else state.processor.tokenizer.decode(prompts[i])
+                choices[i * body.n + k].text = shown
 
     def apply(i: int, event: StreamEvent) -> tuple[int, str]:
         """Fold an event into its choice; return the choice index and the text it adds."""

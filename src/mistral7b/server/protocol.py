@@ -57,7 +57,8 @@ class StructuredOutputs(Strict):
     json_object: bool | None = None
 
 
-def _constraints(schema: Any, regex: str | None, choice: list[str] | None, grammar: str | None) -> list[StructuredOutput]:
+def _constraints(schema: Any, regex: str | None, choice: list[str] | None,
+                 grammar: str | None) -> list[StructuredOutput]:
     """The constraints among vLLM's json / regex / choice / grammar fields that are set."""
     out = []
     if schema is not None:

@@ -34,7 +34,8 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
         raise CheckpointError(f"{_ORIGIN}: {len(types)} token types for {n} tokens")
     source = meta.get("tokenizer.chat_template")
     tool_use = meta.get("tokenizer.chat_template.tool_use")  # llama.cpp's name for a named template
-    template = (ChatTemplate(source, f"{_ORIGIN} chat template", tool_use=tool_use if isinstance(tool_use, str) else None)
+    tool_use = tool_use if isinstance(tool_use, str) else None
+    template = (ChatTemplate(source, f"{_ORIGIN} chat template", tool_use=tool_use)
                 if isinstance(source, str) and source else None)
     if model == "llama":
         return _sentencepiece(meta, tokens, types, template)
