@@ -278,7 +278,8 @@ class LLM:
         for i, (ctx, _) in enumerate(fitted):
             leaders.setdefault(tuple(ctx), i)
         first = sorted(leaders.values())
-        rest = [i for i in range(len(fitted)) if i not in set(first)]
+        leading = set(first)
+        rest = [i for i in range(len(fitted)) if i not in leading]
         results: list[PairScore | None] = [None] * len(fitted)
         for wave in (first, rest):
             if not wave:

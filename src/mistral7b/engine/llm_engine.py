@@ -405,11 +405,15 @@ class LLMEngine:
                             num_cached_tokens=seq.num_cached_tokens)
         event.prompt_logprobs, event.prompt_ranks = seq.prompt_logprobs, seq.prompt_ranks
         seq.prompt_logprobs_sent = True
+        self._retire(seq)
+        return [event]
+
+    def _retire(self, seq: Sequence) -> None:
+        """A finished sequence leaves the scheduler and the sampler; its request, once all its sequences are done."""
         self.scheduler.remove(seq)
         self._release(seq)
         if all(s.finished for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
-        return [event]
 
     def _emit(self, seq: Sequence, sample: Sample) -> list[StreamEvent]:
         """Append the chosen token; the stream events it makes (and the end of the sequence, if it ends)."""
@@ -423,13 +427,11 @@ class LLMEngine:
             event.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             event.prompt_ranks = seq.prompt_ranks
         may_stop = seq.num_output >= p.min_tokens
-        if seq.matcher is not None:  # the grammar took the token (`_consume`); once complete, the output is done
-            if seq.matcher.is_stopped() or seq.matcher.is_error():  # type: ignore[attr-defined]
-                if seq.detok is not None and token not in seq.eos_ids:
-                    event.text = seq.detok.add(seq.output_ids, check_stop=False)
-                seq.finish_reason = "stop"
-        if seq.finish_reason is not None:
-            pass
+        # a grammar took the token (`_consume`); once complete (or broken), the output is done
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):  # type: ignore
+            if seq.detok is not None and token not in seq.eos_ids:
+                event.text = seq.detok.add(seq.output_ids, check_stop=False)
+            seq.finish_reason = "stop"
         elif may_stop and token in seq.eos_ids:
             seq.finish_reason = "stop"
         elif may_stop and token in p.stop_token_ids:  # its text is kept, as vLLM keeps it (a special token has none)
@@ -446,9 +448,5 @@ class LLMEngine:
         if seq.finish_reason is None:
             return [event]
         flushed = seq.detok.flush() if seq.detok is not None and not seq.detok.stopped else ""
-        self.scheduler.remove(seq)
-        self._release(seq)
-        siblings = self.requests.get(seq.request_id, [])
-        if all(s.finished for s in siblings):
-            self.requests.pop(seq.request_id, None)
+        self._retire(seq)
         return [event, StreamEvent(seq.request_id, None, flushed, None, seq.finish_reason, seq.index)]
